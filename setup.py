@@ -1,0 +1,20 @@
+"""phi2-prompter: learned prompt optimisation on Microsoft Phi-2, in plain PyTorch."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="phi2-prompter",
+    version="0.1.0",
+    description="Rewrite a prompt into a better one with a LoRA-tuned Phi-2 and a small head per target LLM",
+    python_requires=">=3.10",
+    packages=find_packages(include=["phi2", "phi2.*"]),
+    py_modules=["lora", "head_adapter", "prompts", "train_sft", "train_head", "generate"],
+    # Install torch first (pip install torch==2.13.0 here): a bare requirement with no torch present
+    # would fetch a multi-GB CUDA build. Any 2.5+ satisfies this range (SDPA's enable_gqa).
+    install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.4", "numpy", "tqdm"],
+    extras_require={
+        # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
+        "test": ["pytest", "transformers>=5.0,<6", "peft>=0.17"],
+        "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil"],
+    },
+)
