@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny config, a fixed seed, and reference checkpoints written by transformers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi2 import Phi2Config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PHI2_FILES = SHARED / "phi-2"
+
+
+def needs_shared(path=PHI2_FILES):
+    """Skip a test when ../shared (the real tokenizer, config and data) is not next to the checkout."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (only present on the dev machines)")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return Phi2Config(n_layer=2, n_head=4, n_kv_head=4, n_embd=64, intermediate_size=256, vocab_size=256,
+                      block_size=64, rotary_dim=8, resid_pdrop=0.0)
+
+
+# The configurations every reference-parity test runs on.
+PARITY_CONFIGS = {
+    "tiny": Phi2Config.from_name("tiny"),
+    "phi-2-2layer": Phi2Config.from_name("phi-2", n_layer=2),  # full width: 2560 wide, 32 heads, R = 32 of 80
+    "gqa": Phi2Config.from_name("tiny", n_kv_head=2),  # fewer key/value heads than query heads
+}
+
+
+def save_hf_reference(config: Phi2Config, folder, max_shard_size="2MB", seed=0):
+    """A random-weight PhiForCausalLM saved by transformers (sharded); returns the HF model in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf = transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).eval()
+    hf.save_pretrained(folder, max_shard_size=max_shard_size)
+    return hf
+
+
+@pytest.fixture(scope="session", params=list(PARITY_CONFIGS))
+def hf_reference(request, tmp_path_factory):
+    """(config, checkpoint folder, transformers model) for each parity config, built once per session."""
+    config = PARITY_CONFIGS[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    shard = "200MB" if config.n_embd > 1000 else "2MB"
+    hf = save_hf_reference(config, folder, max_shard_size=shard)
+    return config, folder, hf
