@@ -1,0 +1,144 @@
+"""The model against transformers' PhiForCausalLM, and its own invariants (cache, causality, checkpointing)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import phi2
+from phi2.model import Attention
+
+
+def _tokens(config, B=2, T=37):
+    return torch.randint(0, config.vocab_size, (B, T))
+
+
+@torch.no_grad()
+def test_fp32_logits_match_transformers(hf_reference):
+    config, folder, hf = hf_reference
+    ours = phi2.load_model(folder)
+    x = _tokens(config)
+    ref = hf(x).logits
+    out = ours(x)
+    assert out.shape == (2, 37, config.vocab_size)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_bf16_logits_close_to_transformers(hf_reference):
+    transformers = pytest.importorskip("transformers")
+    config, folder, hf = hf_reference
+    x = _tokens(config)
+    exact = hf(x).logits
+    hf_bf16 = transformers.PhiForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ours = phi2.load_model(folder, dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ref, out = hf_bf16(x).logits.float(), ours(x).float()
+    # ours is as close to the fp32 truth as transformers' own bf16 run, and close to that run
+    ref_err = (ref - exact).abs().max().item()
+    assert (out - exact).abs().max().item() <= 1.5 * ref_err
+    assert (out - ref).abs().max().item() <= 0.02 * exact.abs().max().item()
+
+
+@torch.no_grad()
+def test_autocast_logits_close_to_transformers(hf_reference):
+    config, folder, hf = hf_reference
+    ours = phi2.load_model(folder)
+    x = _tokens(config)
+    exact = hf(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = hf(x).logits.float(), ours(x).float()
+    ref_err = (ref - exact).abs().max().item()
+    assert (out - exact).abs().max().item() <= 1.5 * ref_err
+    assert (out - ref).abs().max().item() <= 0.02 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+@torch.no_grad()
+def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_cfg, n_kv_head):
+    model = phi2.build_model(dataclasses.replace(tiny_cfg, n_kv_head=n_kv_head)).eval()
+    x = _tokens(tiny_cfg, B=3, T=20)
+    full = model(x)
+    model.setup_kv_cache(batch_size=3, max_len=32)
+    steps = [model(x[:, :8], input_pos=torch.arange(8))]  # prefill
+    for t in range(8, 20):  # one token at a time
+        steps.append(model(x[:, t:t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cache_chunked_prefill_equals_full_forward(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    x = _tokens(tiny_cfg, B=2, T=24)
+    full = model(x)
+    model.setup_kv_cache(batch_size=2, max_len=24)
+    chunks = [model(x[:, a:b], input_pos=torch.arange(a, b)) for a, b in [(0, 10), (10, 17), (17, 24)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_causality(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    x = _tokens(tiny_cfg, B=1, T=16)
+    y = x.clone()
+    y[0, 9] = (y[0, 9] + 1) % tiny_cfg.vocab_size
+    a, b = model(x), model(y)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, resid_pdrop=0.1, embd_pdrop=0.1)  # dropout must replay identically
+    x = _tokens(cfg, B=2, T=16)
+
+    def loss_and_grads(checkpointing):
+        model = phi2.build_model(cfg).train()
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(7)
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}
+
+    loss_a, grads_a = loss_and_grads(False)
+    loss_b, grads_b = loss_and_grads(True)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_dropout_only_in_training(tiny_cfg):
+    model = phi2.build_model(dataclasses.replace(tiny_cfg, resid_pdrop=0.5, embd_pdrop=0.5))
+    x = _tokens(tiny_cfg, B=1, T=8)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+@torch.no_grad()
+def test_fp16_attention_does_not_overflow(tiny_cfg):
+    """Scores q.k beyond fp16's 65504 must not overflow: softmax and q.k accumulate in fp32."""
+    attn = Attention(tiny_cfg)
+    x = torch.randn(1, 12, tiny_cfg.n_embd)
+    for lin in (attn.q_proj, attn.k_proj):
+        lin.weight.normal_(0, 20.0)
+    model = phi2.build_model(tiny_cfg)
+    cos, sin = model.rope_cos[:12][None, None], model.rope_sin[:12][None, None]
+    q = attn.q_proj(x).view(1, 12, 4, 16).transpose(1, 2).half()
+    k = attn.k_proj(x).view(1, 12, 4, 16).transpose(1, 2).half()
+    assert not torch.isfinite(q @ k.transpose(-1, -2)).all(), "test inputs should overflow naive fp16 q.k"
+    ref = attn(x, cos, sin)
+    out = attn.half()(x.half(), cos.half(), sin.half()).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+
+
+def test_sequence_longer_than_context_is_refused(tiny_cfg):
+    model = phi2.build_model(tiny_cfg)
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="setup_kv_cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
