@@ -1,0 +1,73 @@
+"""A thin wrapper over the `tokenizers` library for a checkpoint's tokenizer.json.
+
+For microsoft/phi-2 this is GPT-2's byte-level BPE plus 38 whitespace-run tokens (50295 in all;
+<|endoftext|> = 50256 is both BOS and EOS, and nothing is prepended when encoding). It gives the same ids
+as transformers' AutoTokenizer, which tests/test_tokenizer.py checks on the real file. Decoding is the
+exact inverse of encoding: HF's lossy `clean_up_tokenization_spaces` is not applied (transformers 5
+skips it for BPE tokenizers too).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no tokenizer.json; it comes with the model's checkpoint folder")
+        try:
+            self.tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception with a serde message
+            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+        eos = EOS_TOKEN
+        config = file.with_name("tokenizer_config.json")
+        if config.exists():
+            eos = _token_text(json.loads(config.read_text()).get("eos_token")) or eos
+        self.eos_id = self.tokenizer.token_to_id(eos)
+        if self.eos_id is None:
+            raise ValueError(f"{file}: has no end-of-text token {eos!r}")
+        self.bos_id = self.eos_id  # Phi-2 uses <|endoftext|> for both, and never prepends it
+        self.pad_id = self.eos_id  # no pad token: padded slots are masked, so any id will do
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def encode_batch(self, texts, padding_side="left"):
+        """Token ids (B, T) padded to the longest text, and a bool mask (B, T) True on real tokens."""
+        return pad([self.encode(t) for t in texts], self.pad_id, padding_side)
+
+
+def pad(rows, pad_id, padding_side="left"):
+    """Pad lists of ids into a LongTensor (B, T) and a bool mask (B, T), True on real tokens."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        span = slice(T - len(r), T) if padding_side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = True
+    return ids, mask
+
+
+def _token_text(token):
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a checkpoint folder (or a tokenizer.json path)."""
+    return Tokenizer(path)
