@@ -9,7 +9,7 @@ import torch
 
 from .config import PRESETS, ConfigError, Phi2Config
 from .model import Phi2
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .weights import CheckpointError, load_model, save_hf_checkpoint
 
 
@@ -26,5 +26,5 @@ def build_model(config="tiny", dtype=torch.float32, seed=0) -> Phi2:
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "Phi2", "Phi2Config", "Tokenizer",
-    "build_model", "load_model", "load_tokenizer", "save_hf_checkpoint",
+    "build_model", "load_model", "load_tokenizer", "save_hf_checkpoint", "train_tokenizer",
 ]

@@ -1,38 +1,30 @@
-"""A thin wrapper over the `tokenizers` library for a checkpoint's tokenizer.json.
+"""A thin wrapper over the `tokenizers` library: Phi-2's tokenizer.json, or a small one trained here.
 
 For microsoft/phi-2 this is GPT-2's byte-level BPE plus 38 whitespace-run tokens (50295 in all;
 <|endoftext|> = 50256 is both BOS and EOS, and nothing is prepended when encoding). It gives the same ids
 as transformers' AutoTokenizer, which tests/test_tokenizer.py checks on the real file. Decoding is the
 exact inverse of encoding: HF's lossy `clean_up_tokenization_spaces` is not applied (transformers 5
-skips it for BPE tokenizers too).
+skips it for BPE tokenizers too). `train_tokenizer` builds the same kind of tokenizer, smaller, for the
+offline `tiny` model, which has no released tokenizer.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 
 
 class Tokenizer:
-    def __init__(self, path):
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: no tokenizer.json; it comes with the model's checkpoint folder")
-        try:
-            self.tokenizer = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception with a serde message
-            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
-        eos = EOS_TOKEN
-        config = file.with_name("tokenizer_config.json")
-        if config.exists():
-            eos = _token_text(json.loads(config.read_text()).get("eos_token")) or eos
-        self.eos_id = self.tokenizer.token_to_id(eos)
+    def __init__(self, tokenizer: HFTokenizer, eos_token: str = EOS_TOKEN):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.token_to_id(eos_token)
         if self.eos_id is None:
-            raise ValueError(f"{file}: has no end-of-text token {eos!r}")
+            raise ValueError(f"the tokenizer has no end-of-text token {eos_token!r}")
         self.bos_id = self.eos_id  # Phi-2 uses <|endoftext|> for both, and never prepends it
         self.pad_id = self.eos_id  # no pad token: padded slots are masked, so any id will do
 
@@ -50,6 +42,13 @@ class Tokenizer:
         """Token ids (B, T) padded to the longest text, and a bool mask (B, T) True on real tokens."""
         return pad([self.encode(t) for t in texts], self.pad_id, padding_side)
 
+    def save(self, folder):
+        """Write tokenizer.json into folder (atomically)."""
+        path = Path(folder) / "tokenizer.json"
+        tmp = path.with_name(path.name + ".tmp")
+        self.tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+
 
 def pad(rows, pad_id, padding_side="left"):
     """Pad lists of ids into a LongTensor (B, T) and a bool mask (B, T), True on real tokens."""
@@ -63,11 +62,30 @@ def pad(rows, pad_id, padding_side="left"):
     return ids, mask
 
 
-def _token_text(token):
-    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
-    return token.get("content") if isinstance(token, dict) else token
-
-
 def load_tokenizer(path) -> Tokenizer:
     """The tokenizer of a checkpoint folder (or a tokenizer.json path)."""
-    return Tokenizer(path)
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no tokenizer.json; it comes with the model's checkpoint folder")
+    try:
+        tokenizer = HFTokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception carrying a serde message
+        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+    eos = EOS_TOKEN
+    config = file.with_name("tokenizer_config.json")
+    if config.exists():
+        token = json.loads(config.read_text()).get("eos_token")
+        eos = (token.get("content") if isinstance(token, dict) else token) or eos  # str or {"content": ...}
+    return Tokenizer(tokenizer, eos)
+
+
+def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
+    """A GPT-2-style byte-level BPE with <|endoftext|>, trained on texts (deterministic)."""
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return Tokenizer(tokenizer)

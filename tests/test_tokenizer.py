@@ -61,3 +61,14 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         phi2.load_tokenizer(tmp_path)
+
+
+def test_trained_tokenizer_round_trips_and_is_deterministic(tmp_path):
+    texts = [f"Write a {w} about {x}." for w in ("poem", "story", "summary") for x in ("rain", "code", "été")] * 20
+    a, b = phi2.train_tokenizer(texts, 300), phi2.train_tokenizer(texts, 300)
+    assert a.tokenizer.to_str() == b.tokenizer.to_str()
+    assert a.vocab_size <= 300 and a.encode("<|endoftext|>") == [a.eos_id]
+    for text in TEXTS:  # bytes never seen in training still round-trip
+        assert a.decode(a.encode(text)) == text
+    a.save(tmp_path)
+    assert phi2.load_tokenizer(tmp_path).encode("Write a poem") == a.encode("Write a poem")
