@@ -15,6 +15,19 @@ from torch.utils.checkpoint import checkpoint
 from .config import Phi2Config
 
 
+class Linear(nn.Linear):
+    """nn.Linear, plus a fast path for one row of bf16/fp16 input on the CPU (decoding at batch 1).
+
+    For a single row, oneDNN's half-precision matmul behind F.linear reaches about half the memory bandwidth
+    of torch.addmv's kernel on CPUs (bench/generation.py); both accumulate in fp32.
+    """
+
+    def forward(self, x):
+        if x.numel() == self.in_features and x.dtype == self.weight.dtype != torch.float32 and x.is_cpu:
+            return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer, each (B, H_kv, max_len, D)."""
 
@@ -51,10 +64,10 @@ class Attention(nn.Module):
         super().__init__()
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
-        self.q_proj = nn.Linear(C, config.n_head * D)
-        self.k_proj = nn.Linear(C, config.n_kv_head * D)
-        self.v_proj = nn.Linear(C, config.n_kv_head * D)
-        self.dense = nn.Linear(config.n_head * D, C)
+        self.q_proj = Linear(C, config.n_head * D)
+        self.k_proj = Linear(C, config.n_kv_head * D)
+        self.v_proj = Linear(C, config.n_kv_head * D)
+        self.dense = Linear(config.n_head * D, C)
         self.attn_pdrop = config.attn_pdrop
         self.kv_cache: KVCache | None = None
 
@@ -86,8 +99,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Phi2Config):
         super().__init__()
-        self.fc1 = nn.Linear(config.n_embd, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.n_embd)
+        self.fc1 = Linear(config.n_embd, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
         # Phi-2's "gelu_new" is gelu with the tanh approximation
@@ -124,7 +137,7 @@ class Phi2(nn.Module):
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
+        self.lm_head = Linear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
         self.gradient_checkpointing = False
         R = config.rotary_dim
         self.register_buffer("rope_cos", torch.empty(config.block_size, R), persistent=False)
