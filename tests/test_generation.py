@@ -1,0 +1,142 @@
+"""Decoding: greedy parity with transformers' generate, batching, cache, sampling, stop strings, streaming."""
+
+import pytest
+import torch
+
+import phi2
+from phi2.generation import generate, sample
+
+
+def _prompts(vocab_size, lengths=(5, 17, 11, 1)):
+    return [torch.randint(0, vocab_size, (n,)).tolist() for n in lengths]
+
+
+def test_greedy_matches_transformers_generate(hf_reference):
+    config, folder, hf = hf_reference
+    ours = phi2.load_model(folder)
+    for prompt in _prompts(config.vocab_size, lengths=(23,)):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        out = generate(ours, [prompt], 64)[0]
+        assert out.ids == ref and out.finish == "length"
+
+
+def test_left_padded_batch_matches_transformers_batch(tiny_cfg, tmp_path):
+    from tests.conftest import save_hf_reference
+    hf = save_hf_reference(tiny_cfg, tmp_path)
+    ours = phi2.load_model(tmp_path)
+    prompts = _prompts(tiny_cfg.vocab_size)
+    ids, mask = phi2.tokenizer.pad(prompts, pad_id=0)
+    ref = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[:, ids.size(1):]
+    assert [c.ids for c in generate(ours, prompts, 32)] == ref.tolist()
+
+
+def test_batch_equals_one_by_one(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    prompts = _prompts(tiny_cfg.vocab_size)
+    batched = generate(model, prompts, 24)
+    for prompt, row in zip(prompts, batched):
+        alone = generate(model, [prompt], 24)[0]
+        assert row.ids == alone.ids
+
+
+@torch.no_grad()
+def test_bf16_padded_rows_match_their_unpadded_logits(tiny_cfg):
+    """In bf16 a batch and a single row run different kernels, so compare logits, not ids."""
+    from phi2.generation import left_padding, prefill
+    model = phi2.build_model(tiny_cfg, dtype=torch.bfloat16).eval()
+    prompts = _prompts(tiny_cfg.vocab_size, lengths=(4, 13))
+    ids, valid = phi2.tokenizer.pad(prompts, pad_id=0)
+    model.setup_kv_cache(2, 13)
+    batched = prefill(model, ids, *left_padding(valid)).float()
+    for i, prompt in enumerate(prompts):
+        model.setup_kv_cache(1, 13)
+        alone = prefill(model, torch.tensor([prompt])).float()
+        torch.testing.assert_close(batched[i:i + 1], alone, atol=0.02 * alone.abs().max().item(), rtol=0)
+
+
+@torch.no_grad()
+def test_cache_decoding_equals_recomputing_without_cache(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    prompt = _prompts(tiny_cfg.vocab_size, lengths=(9,))[0]
+    seq = list(prompt)
+    for _ in range(30):  # no cache: the whole sequence every step
+        seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    assert generate(model, [prompt], 30)[0].ids == seq[len(prompt):]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    prompts = _prompts(tiny_cfg.vocab_size, lengths=(6, 10))
+    run = lambda **kw: [c.ids for c in generate(model, prompts, 20, **kw)]
+    assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
+    assert run(temperature=1.0, seed=3) != run(temperature=1.0, seed=4)
+    greedy = run()
+    assert run(temperature=0.8, top_k=1, seed=5) == greedy
+    assert run(temperature=0.8, top_p=1e-6, seed=5) == greedy
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {sample(logits, 1.0, generator=g, **kw).item() for _ in range(300)}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.7) == {0, 1}  # 0.5 < 0.7, so the 0.3 token is needed; 0.8 >= 0.7 ends it
+    assert draw(top_p=0.45) == {0}
+    assert draw() == {0, 1, 2, 3}
+    counts = torch.bincount(sample(logits.expand(20000, 4), 1.0, generator=g), minlength=4) / 20000
+    torch.testing.assert_close(counts, logits.softmax(-1)[0], atol=0.015, rtol=0)
+
+
+@pytest.fixture
+def tiny_with_tokenizer(tiny_cfg):
+    texts = [f"Rewrite {w} so that it is {x} and {y}." for w in ("this", "that", "the plan")
+             for x in ("clear", "short", "précis") for y in ("kind", "exact", "über-detailed")] * 10
+    tok = phi2.train_tokenizer(texts, tiny_cfg.vocab_size)
+    return phi2.build_model(tiny_cfg).eval(), tok
+
+
+def test_stop_strings_cut_and_are_never_streamed(tiny_with_tokenizer):
+    model, tok = tiny_with_tokenizer
+    prompt = tok.encode("Rewrite this so that it is")
+    full = generate(model, [prompt], 40, tokenizer=tok)[0]
+    assert full.finish == "length" and full.text == tok.decode(full.ids)
+    stop = full.text[12:15]
+    assert len(stop) == 3 and full.text.find(stop) >= 0
+    pieces = []
+    cut = generate(model, [prompt], 40, tokenizer=tok, stop_strings=[stop, "never-there"],
+                   callback=lambda row, text: pieces.append(text))[0]
+    assert cut.finish == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert "".join(pieces) == cut.text
+
+
+def test_streaming_gives_the_final_text(tiny_with_tokenizer):
+    model, tok = tiny_with_tokenizer
+    prompts = [tok.encode("Rewrite the plan"), tok.encode("Rewrite that so that it is clear")]
+    streamed = {0: [], 1: []}
+    out = generate(model, prompts, 30, tokenizer=tok, callback=lambda row, text: streamed[row].append(text))
+    for row, completion in enumerate(out):
+        assert "".join(streamed[row]) == completion.text
+
+
+def test_eos_ends_a_row(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    prompt = _prompts(tiny_cfg.vocab_size, lengths=(8,))[0]
+    free = generate(model, [prompt], 20)[0].ids
+    eos = free[5]
+    out = generate(model, [prompt], 20, eos_id=eos)[0]
+    assert out.finish == "eos" and out.ids == free[: free.index(eos)]
+
+
+def test_bad_requests(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="leaves no room to generate in the context of 64"):
+        generate(model, [[1] * 64], 4)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, [[1]], 4, stop_strings=["x"])
+    assert len(generate(model, [[1] * 60], 100)[0].ids) == 4  # clipped to the context
