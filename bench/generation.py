@@ -1,0 +1,125 @@
+"""Decoding speed: phi2.generation.generate against transformers' generate, same weights, same run.
+
+    python bench/generation.py [--reps 5] [--configs small phi-2-2layer] [--dtypes bf16 fp32]
+
+Greedy decoding with 2 threads, 64 prompt tokens and 128 new ones, at batch 1 and 8, on a small config
+(hidden 512, 4 layers, 8 heads, partial_rotary_factor 0.5, vocab 51200) and on a full-width 2-layer Phi-2.
+Decode tokens/s = B * 127 / (t(128 new) - t(1 new)), so the prefill cancels out; each figure is the median
+of --reps runs after a warm-up, ours and transformers' alternating. Prefill latency is one 512-token
+prompt. "of bound" is tokens/s as a fraction of the memory-bandwidth bound: bytes of weights a decode step
+reads (every Linear; the embedding only reads B rows) over the read bandwidth measured here.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import phi2
+from phi2.generation import generate
+
+CONFIGS = {
+    "small": phi2.Phi2Config(n_layer=4, n_head=8, n_kv_head=8, n_embd=512, intermediate_size=2048,
+                             vocab_size=51200, rotary_dim=32),
+    "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def read_bandwidth(gib=1.0, reps=5):
+    """Streaming read bandwidth in bytes/s: the median time to sum a large fp32 buffer."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[1:])
+
+
+def weight_bytes_per_step(model):
+    """Bytes of weights one decode step reads: every Linear's weight and bias."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    args = p.parse_args()
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(2)
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, 2 threads, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+
+    def median_time(fn):
+        fn()  # warm-up
+        return statistics.median(_timed(fn) for _ in range(args.reps))
+
+    rows = []
+    for cname in args.configs:
+        config = CONFIGS[cname]
+        with tempfile.TemporaryDirectory() as folder:
+            torch.manual_seed(0)
+            transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).save_pretrained(folder)
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                ours = phi2.load_model(folder, dtype=dtype)
+                hf = transformers.PhiForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+                bound_step = weight_bytes_per_step(ours) / bandwidth  # seconds per step if bandwidth-bound
+
+                def run_ours(ids, n):
+                    return lambda: generate(ours, ids.tolist(), n)
+
+                def run_hf(ids, n):
+                    kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+                    return lambda: torch.inference_mode()(hf.generate)(ids, attention_mask=torch.ones_like(ids), **kw)
+
+                for B in args.batches:
+                    ids = torch.randint(0, config.vocab_size, (B, 64))
+                    rates = {}
+                    for name, run in (("ours", run_ours), ("transformers", run_hf)):
+                        t128 = median_time(run(ids, 128))
+                        t1 = median_time(run(ids, 1))
+                        rates[name] = B * 127 / (t128 - t1)
+                    row = (cname, dname, f"decode B={B}", rates["ours"], rates["transformers"],
+                           rates["ours"] / rates["transformers"], rates["ours"] / (B / bound_step))
+                    rows.append(row)
+                    _print_row(row)
+                ids = torch.randint(0, config.vocab_size, (1, 512))
+                t_ours, t_hf = median_time(run_ours(ids, 1)), median_time(run_hf(ids, 1))
+                row = (cname, dname, "prefill 512", t_ours * 1e3, t_hf * 1e3, t_hf / t_ours, None)
+                rows.append(row)
+                _print_row(row)
+                del ours, hf
+
+    print("\n| config | dtype | setting | ours | transformers | speed-up | of bound |\n|---|---|---|---|---|---|---|")
+    for cname, dname, setting, a, b, ratio, frac in rows:
+        unit = "ms" if setting.startswith("prefill") else "tok/s"
+        frac = "" if frac is None else f"{frac:.0%}"
+        print(f"| {cname} | {dname} | {setting} | {a:.1f} {unit} | {b:.1f} {unit} | {ratio:.2f}x | {frac} |")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _print_row(row):
+    cname, dname, setting, a, b, ratio, frac = row
+    unit = "ms" if setting.startswith("prefill") else "tok/s"
+    bound = "" if frac is None else f"  ({frac:.0%} of the bandwidth bound)"
+    print(f"{cname:13s} {dname:5s} {setting:12s} ours {a:8.1f} {unit}  transformers {b:8.1f} {unit}  "
+          f"x{ratio:.2f}{bound}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
