@@ -1,10 +1,28 @@
-"""The prompt template, in one place for training (both stages) and generation.
+"""The prompt template and the prompt-pair data, in one place for both trainers and for generation.
 
-The papers' best training text is `System: Fix the following prompt. Prompt: {bad}. Answer: {good}`:
-the model reads everything up to "Answer:" and learns to write " {good}" followed by EOS.
+The papers' best training text is `System: Fix the following prompt. Prompt: {bad}. Answer: {good}`: the
+model reads everything up to "Answer:" and learns to write " {good}" and then EOS; the loss is on those
+tokens only (labels are -100 before them). Pairs are read from JSONL, a JSON list, or CSV (quoted
+multi-line fields included); a bad record stops the run with its file:line. Batches are padded to their
+longest row and grouped by length, in an order that is a pure function of (seed, epoch) so that a resumed
+run sees the same batches.
 """
 
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
 TEMPLATE = "System: Fix the following prompt. Prompt: {prompt}. Answer:"
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on these positions
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_DATA = DATA_DIR / "prompt_pairs.jsonl"
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with file:line."""
 
 
 def format_prompt(prompt: str) -> str:
@@ -13,5 +31,197 @@ def format_prompt(prompt: str) -> str:
 
 
 def format_answer(improved: str) -> str:
-    """The text the model learns to write after "Answer:" (EOS is appended as a token, not as text)."""
+    """The text the model learns to write after "Answer:" (EOS follows as a token, not as text)."""
     return " " + improved.strip()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_records(path) -> list[tuple[int, dict]]:
+    """(line number, record) for each object in a .jsonl, .json (a list of objects) or .csv file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    records.append((n, _json_object(line, f"{path}:{n}")))
+        return records
+    if suffix == ".json":
+        return _json_list(path.read_text(encoding="utf-8"), path)
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": quoted fields keep their newlines
+            reader = csv.DictReader(f)
+            records, start = [], 2  # line 1 is the header
+            try:
+                for row in reader:
+                    if None in row:
+                        raise DataError(f"{path}:{start}: more values than the header has columns")
+                    records.append((start, row))
+                    start = reader.line_num + 1  # a quoted field may span several lines
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
+        return records
+    raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
+
+
+def _json_object(text, where):
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _json_list(text, path):
+    """Parse a JSON list of objects element by element, so that each record keeps its line number."""
+    decoder, records = json.JSONDecoder(), []
+    line_of = lambda pos: text.count("\n", 0, pos) + 1
+    pos = _skip_ws(text, 0)
+    if text[pos:pos + 1] != "[":
+        raise DataError(f"{path}:{line_of(pos)}: expected a JSON list of objects")
+    pos = _skip_ws(text, pos + 1)
+    while text[pos:pos + 1] != "]":
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line_of(pos)}: expected a JSON object, got {type(obj).__name__}")
+        records.append((line_of(pos), obj))
+        pos = _skip_ws(text, end)
+        if text[pos:pos + 1] == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif text[pos:pos + 1] != "]":
+            raise DataError(f"{path}:{line_of(pos)}: expected ',' or ']' in the JSON list")
+    return records
+
+
+def _skip_ws(text, pos):
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+@dataclass
+class Pair:
+    prompt: str
+    target: str
+    source: str  # file:line, for messages
+
+
+def read_pairs(path, prompt_field="prompt", target_field="improved") -> list[Pair]:
+    """(prompt, improved prompt) pairs; a missing or empty field stops with file:line."""
+    pairs = []
+    for line, record in read_records(path):
+        values = []
+        for field, flag in ((prompt_field, "--prompt-field"), (target_field, "--target-field")):
+            if field not in record:
+                raise DataError(f"{path}:{line}: no field {field!r} (fields: {', '.join(record)}); "
+                                f"name the right one with {flag}")
+            value = record[field]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}:{line}: field {field!r} is empty; fill it or remove the record")
+            values.append(value)
+        pairs.append(Pair(values[0], values[1], f"{path}:{line}"))
+    if not pairs:
+        raise DataError(f"{path}: no records")
+    return pairs
+
+
+def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
+    """(file:line, prompt) from a .txt file (one prompt per line) or records with a prompt field.
+    Empty prompts are errors, except blank lines in a .txt file, which are skipped."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.exists():
+            raise DataError(f"{path}: no such file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+    prompts = []
+    for line, record in read_records(path):
+        value = record.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}:{line}: no prompt in field {field!r} (fields: {', '.join(record)}); "
+                            "name the right one with --field")
+        prompts.append((f"{path}:{line}", value))
+    return prompts
+
+
+# ------------------------------------------------------------------------------------ tokens and labels
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on the prompt part; the answer tokens and EOS otherwise
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> Example:
+    """Template, tokens and labels for one pair: the loss falls on the answer and its EOS only."""
+    context = tokenizer.encode(format_prompt(prompt))
+    answer = tokenizer.encode(format_answer(target)) + [tokenizer.eos_id]
+    return Example(context + answer, [IGNORE_INDEX] * len(context) + answer)
+
+
+def encode_pairs(tokenizer, pairs, max_len: int) -> tuple[list[Example], int]:
+    """Examples for the pairs that fit in max_len tokens, and how many were dropped."""
+    examples = [encode_pair(tokenizer, p.prompt, p.target) for p in pairs]
+    kept = [e for e in examples if len(e.input_ids) <= max_len]
+    return kept, len(examples) - len(kept)
+
+
+def split(items, val_fraction: float, seed: int):
+    """A seeded (train, validation) split; validation gets at least one item when val_fraction > 0."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(items) * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= len(items):
+        raise DataError(f"{len(items)} examples are too few for a validation split of {val_fraction}")
+    val, train = order[:n_val], order[n_val:]
+    return [items[i] for i in sorted(train)], [items[i] for i in sorted(val)]
+
+
+def batch_order(lengths, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of indices for one epoch: shuffled, then grouped by length within windows of 50 batches
+    (little padding, still random), in shuffled order. A pure function of (seed, epoch)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, pad_id: int):
+    """input_ids and labels (B, T), right-padded to the longest example; padded labels are ignored."""
+    import torch
+
+    T = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+    return input_ids, labels
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_atomic(path, data: str | bytes):
+    """Write a whole file through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)

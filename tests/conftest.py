@@ -52,3 +52,21 @@ def hf_reference(request, tmp_path_factory):
     shard = "200MB" if config.n_embd > 1000 else "2MB"
     hf = save_hf_reference(config, folder, max_shard_size=shard)
     return config, folder, hf
+
+
+TEXTS = [f"{verb} a {thing} about {topic}, {style}." for verb in ("Write", "Explain", "Summarize", "Draft")
+         for thing in ("poem", "report", "function", "plan") for topic in ("rain", "taxes", "sorting", "café life")
+         for style in ("briefly", "in detail", "for children")]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny model saved in the HF layout, with a tokenizer trained on a few sentences."""
+    import phi2
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    config = Phi2Config(n_layer=2, n_head=4, n_kv_head=4, n_embd=64, intermediate_size=256, vocab_size=512,
+                        block_size=96, rotary_dim=8, resid_pdrop=0.0)
+    phi2.save_hf_checkpoint(phi2.build_model(config), folder)
+    phi2.train_tokenizer(TEXTS, config.vocab_size).save(folder)
+    return folder

@@ -1,0 +1,215 @@
+"""Rewrite prompts with Phi-2: `python generate.py --model checkpoints/phi-2 "write a poem about rain"`.
+
+Prompts come as arguments, from --file (.txt one per line, or .jsonl/.json/.csv with --field), or on
+stdin. Each is put in the training template and the model's answer, trimmed, is the rewrite (--raw sends
+the text as it is and prints the continuation). A single prompt streams to the terminal; files get a
+progress bar; --json prints one object per line. --out FILE writes the results atomically, keeping them
+in FILE.partial as they come so that a stopped run resumes where it was.
+"""
+
+import argparse
+import json
+import sys
+import time
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import phi2
+from phi2.generation import generate
+from prompts import DataError, format_prompt, read_prompts, write_atomic
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WINDOW = 8  # batches per window: prompts are sorted by length within a window, results leave in order
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    file: str | None = None
+    field: str = "prompt"
+    model: str = "checkpoints/phi-2"
+    raw: bool = False
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    batch_size: int = 8
+    dtype: str = "bf16"
+    stop: list[str] = dataclasses.field(default_factory=list)
+    json: bool = False
+    out: str | None = None
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs; printed as one line."""
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(":")[0])
+    p.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
+    p.add_argument("--file", help=".txt (one prompt per line), or .jsonl/.json/.csv records")
+    p.add_argument("--field", default="prompt", help="the prompt's field in --file records")
+    p.add_argument("--model", default="checkpoints/phi-2", help="Phi-2 checkpoint folder")
+    p.add_argument("--raw", action="store_true", help="no template: continue the text as it is")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--out", help="write results to this file (resumes from FILE.partial)")
+    return GenerateConfig(**vars(p.parse_args(argv)))
+
+
+def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
+    """(where it came from, prompt) for every prompt to rewrite."""
+    if cfg.prompts:
+        for i, prompt in enumerate(cfg.prompts, 1):
+            if not prompt.strip():
+                raise UsageError(f"argument {i} is an empty prompt; give some text to rewrite")
+        return [(f"argument {i}", p) for i, p in enumerate(cfg.prompts, 1)]
+    if cfg.file:
+        prompts = read_prompts(cfg.file, cfg.field)
+    elif not sys.stdin.isatty():
+        prompts = [(f"stdin:{n}", line.rstrip("\n")) for n, line in enumerate(sys.stdin, 1) if line.strip()]
+    else:
+        raise UsageError("no prompt given: pass prompts as arguments, use --file, or pipe them on stdin")
+    if not prompts:
+        raise UsageError(f"{cfg.file or 'stdin'} holds no prompt")
+    return prompts
+
+
+def load(cfg: GenerateConfig):
+    """The model and tokenizer."""
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such model folder; download Phi-2 with `huggingface-cli download "
+                         f"microsoft/phi-2 --local-dir {folder}` or pass --model DIR")
+    return phi2.load_model(folder, dtype=DTYPES[cfg.dtype]), phi2.load_tokenizer(folder)
+
+
+def main(cfg: GenerateConfig) -> list[dict]:
+    prompts = collect_prompts(cfg)
+    model, tokenizer = load(cfg)
+    context = model.config.block_size
+
+    # tokenize, and set aside what cannot fit
+    todo = []  # (index, prompt ids)
+    for i, (source, prompt) in enumerate(prompts):
+        ids = tokenizer.encode(prompt if cfg.raw else format_prompt(prompt))
+        if len(ids) >= context:
+            _warn(f"{source}: {len(ids)} tokens fill the context of {context}; skipped (shorten the prompt)")
+            continue
+        if len(ids) + cfg.max_new_tokens > context:
+            _warn(f"{source}: {len(ids)} tokens leave room for only {context - len(ids)} new tokens")
+        todo.append((i, ids))
+
+    partial = Path(cfg.out + ".partial") if cfg.out else None
+    done = _resume(partial, prompts) if partial else {}
+    todo = [(i, ids) for i, ids in todo if i not in done]
+    stream = len(prompts) == 1 and not cfg.json and not cfg.out
+    bar = tqdm(total=len(todo), unit="prompt", disable=stream or len(prompts) == 1, file=sys.stderr)
+    sink = open(partial, "a", encoding="utf-8") if partial else None
+
+    records = dict(done)
+    window = cfg.batch_size * WINDOW
+    try:
+        for start in range(0, len(todo), window):
+            chunk = sorted(todo[start:start + window], key=lambda item: len(item[1]))  # less padding
+            for b in range(0, len(chunk), cfg.batch_size):
+                batch = chunk[b:b + cfg.batch_size]
+                callback = _printer(cfg.raw) if stream else None
+                t = time.perf_counter()
+                out = generate(model, [ids for _, ids in batch], cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+                               eos_id=tokenizer.eos_id, tokenizer=tokenizer, stop_strings=cfg.stop,
+                               callback=callback)
+                seconds = time.perf_counter() - t
+                new_tokens = sum(len(c.ids) for c in out)
+                for (i, ids), c in zip(batch, out):
+                    records[i] = {
+                        "index": i, "source": prompts[i][0], "input": prompts[i][1],
+                        "output": c.text if cfg.raw else c.text.strip(),
+                        "prompt_tokens": len(ids), "new_tokens": len(c.ids), "finish": c.finish,
+                        "seconds": round(seconds, 4), "tokens_per_s": round(new_tokens / seconds, 2),
+                    }
+                    if sink:
+                        sink.write(json.dumps(records[i], ensure_ascii=False) + "\n")
+                        sink.flush()
+                bar.update(len(batch))
+            if not cfg.out and not stream:  # print the window's results, in input order
+                for i, _ in sorted(todo[start:start + window]):
+                    print(_render(records[i], cfg.json, several=len(prompts) > 1), flush=True)
+    finally:
+        bar.close()
+        if sink:
+            sink.close()
+
+    ordered = [records[i] for i in sorted(records)]
+    if cfg.out:
+        write_atomic(cfg.out, "".join(_render(r, cfg.json, several=True) + "\n" for r in ordered))
+        partial.unlink()
+        print(f"wrote {len(ordered)} results to {cfg.out}", file=sys.stderr)
+    elif stream:
+        print()
+    return ordered
+
+
+def _resume(partial: Path, prompts) -> dict:
+    """Results already in FILE.partial from a stopped run, keyed by prompt index."""
+    if not partial.exists():
+        return {}
+    done = {}
+    for n, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the stop: that prompt runs again
+        i = record.get("index")
+        if not isinstance(i, int) or i >= len(prompts) or record.get("input") != prompts[i][1]:
+            raise UsageError(f"{partial}:{n}: results for other prompts; delete it or choose another --out")
+        done[i] = record
+    if done:
+        print(f"resuming: {len(done)} results already in {partial}", file=sys.stderr)
+    return done
+
+
+def _render(record: dict, as_json: bool, several: bool) -> str:
+    if as_json:
+        return json.dumps(record, ensure_ascii=False)
+    return f"> {record['input']}\n{record['output']}\n" if several else record["output"]
+
+
+def _printer(raw: bool):
+    """A streaming callback writing text to stdout; the template's leading space is dropped."""
+    started = [raw]
+
+    def callback(row, text):
+        if not started[0]:
+            text = text.lstrip()
+            started[0] = bool(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return callback
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (UsageError, DataError, phi2.ConfigError, phi2.CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"generate.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("generate.py: interrupted" + (" (rerun the same command to resume)" if "--out" in sys.argv else ""))
