@@ -10,6 +10,8 @@ Left out on purpose: pickled checkpoints (pytorch_model.bin are never unpickled)
 remote-code layouts (transformer.h.*, mixer.Wqkv), which are refused with a message.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -172,6 +174,21 @@ def load_weights(model: Phi2, folder) -> None:
                     raise CheckpointError(f"{path}: ended inside tensor {name!r}; download it again") from None
                 if not direct:
                     param.data.copy_(dst)  # dtype conversion (e.g. the fp16 release to bf16)
+
+
+def fingerprint(model: Phi2) -> str:
+    """A short hash identifying the base weights, whatever dtype they were loaded in: the config, and
+    each checkpoint tensor sampled at about 1024 evenly spaced elements, rounded to bf16. Adapters and heads
+    record it to refuse a base they were not trained on. (LoRA layers are not part of it; a merged LoRA
+    changes the weights and so the fingerprint.)"""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    params = model.state_dict()
+    for name in sorted(hf_to_ours(model.config.n_layer).values()):
+        flat = params[name].detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.bfloat16)
+        h.update(name.encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Phi2:

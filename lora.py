@@ -1,0 +1,216 @@
+"""LoRA, written by hand: a frozen Linear plus a trainable low-rank update (Hu et al., 2021,
+https://arxiv.org/abs/2106.09685).
+
+        x ──┬── W x + b ───────────────────────(+)──> y
+            └── dropout ── A (r x in) ── B (out x r) ── * alpha/r ──┘
+
+A starts kaiming-uniform and B at zero (as in peft), so at initialisation the model is unchanged. Adapters
+are saved in peft's own format (adapter_model.safetensors + adapter_config.json), so an adapter trained
+here loads in peft and the reverse; a fingerprint of the base's weights travels in the file's metadata,
+and an adapter is refused by a base it was not trained on. Left out on purpose: DoRA and other variants,
+per-layer rank or alpha patterns, bias training, LoRA on embeddings or the LM head.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from phi2.model import Linear, Phi2
+from phi2.weights import fingerprint
+from prompts import write_atomic
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+PEFT_PREFIX = "base_model.model.model."  # peft's name for our `layers.*` (PeftModel > PhiForCausalLM > PhiModel)
+
+
+class AdapterError(ValueError):
+    """An adapter file that does not fit this base model; the message names the file and the reason."""
+
+
+class LoRALinear(Linear):
+    """A Linear whose weight and bias are frozen and shared with the layer it replaces, plus A and B."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: state_dict keys unchanged
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init (nn.Linear's default)
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.merged:
+            return y
+        x = self.lora_dropout(x.to(self.lora_A.dtype))  # dropout on the LoRA path only
+        return y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta(self):
+        """The update (alpha/r) * B @ A (out, in), in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the frozen weight (W += (alpha/r) B A), for inference at base speed."""
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the update back out of the weight (exact in fp32, up to rounding in half precision)."""
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta())
+            self.merged = False
+
+
+def lora_modules(model: Phi2) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject(model: Phi2, rank=32, alpha=64.0, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False) -> Phi2:
+    """Replace every Linear whose leaf name is in targets by a LoRALinear; freeze everything else."""
+    unknown = set(targets) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if unknown:
+        raise AdapterError(f"no module named {sorted(unknown)} in Phi-2; targets are among q_proj, k_proj, "
+                           "v_proj, dense, fc1, fc2")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if leaf in targets and isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
+            wrapped = LoRALinear(module, rank, alpha, dropout, rslora)
+            setattr(model.get_submodule(parent), leaf, wrapped)
+    return model
+
+
+def merge(model: Phi2):
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model: Phi2):
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def trainable_parameters(model: Phi2) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------- peft's file format
+
+
+def adapter_config(model: Phi2, base_path: str | None = None) -> dict:
+    """peft's adapter_config.json for the LoRA layers in model."""
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA layers to save")
+    first = next(iter(modules.values()))
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.lora_dropout.p,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": first.rslora,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model: Phi2, folder, base_path=None, base_fingerprint=None):
+    """Write adapter_model.safetensors (LoRA tensors only) and adapter_config.json, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    metadata = {"format": "pt"}
+    if base_fingerprint:
+        metadata["phi2_base_fingerprint"] = base_fingerprint
+    tmp = folder / ".adapter_model.safetensors.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    tmp.replace(folder / "adapter_model.safetensors")
+    config = adapter_config(model, str(base_path) if base_path else None)
+    write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(folder) -> dict:
+    """adapter_config.json, checked for what this implementation supports."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.exists():
+        raise AdapterError(f"{path}: missing; a LoRA adapter folder holds adapter_config.json and "
+                           "adapter_model.safetensors")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are read")
+    for key, default in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False),
+                         ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None),
+                         ("layers_to_transform", None), ("layer_replication", None), ("exclude_modules", None),
+                         ("target_parameters", None), ("trainable_token_indices", None)):
+        value = config.get(key)
+        if value and value != default:  # absent, empty or the default: fine
+            raise AdapterError(f"{path}: {key}={value!r} is not supported")
+    if not isinstance(config.get("target_modules"), list):
+        raise AdapterError(f"{path}: target_modules must be a list of module names, got "
+                           f"{config.get('target_modules')!r}")
+    return config
+
+
+def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
+    """Inject LoRA layers as described by a peft adapter folder and load their tensors; returns its config.
+
+    Fails if the adapter was trained on another base: other shapes, other module names, or (for
+    adapters saved here) another fingerprint of the base weights.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    file = folder / "adapter_model.safetensors"
+    if not file.exists():
+        raise AdapterError(f"{file}: missing (weights only travel as safetensors; adapter_model.bin is not read)")
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    expected = metadata.get("phi2_base_fingerprint")
+    if expected and expected != fingerprint(model):
+        raise AdapterError(f"{file}: trained on another base model (fingerprint {expected}, this base is "
+                           f"{fingerprint(model)}); load the base it was trained on")
+
+    inject(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+           config["target_modules"], config.get("use_rslora", False))
+    ours = {}
+    for name, m in lora_modules(model).items():
+        ours[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A
+        ours[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B
+    extra, missing = sorted(set(tensors) - set(ours)), sorted(set(ours) - set(tensors))
+    if extra or missing:
+        what = f"has tensor {extra[0]!r} that this base lacks" if extra else f"lacks tensor {missing[0]!r}"
+        raise AdapterError(f"{file}: {what} ({len(extra)} unexpected, {len(missing)} missing); "
+                           "it was made for another model")
+    with torch.no_grad():
+        for key, param in ours.items():
+            if tensors[key].shape != param.shape:
+                raise AdapterError(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base "
+                                   f"needs {tuple(param.shape)}; it was made for another model")
+            param.copy_(tensors[key])
+    if merge_weights:
+        merge(model)
+    return config
