@@ -217,3 +217,17 @@ class Phi2(nn.Module):
     def forward(self, idx, input_pos=None, mask=None, position_ids=None):
         """Logits (B, T, V) for token ids idx (B, T); arguments as in hidden_states."""
         return self.lm_head(self.hidden_states(idx, input_pos, mask, position_ids))
+
+    def loss(self, idx, labels):
+        """Summed next-token cross-entropy and the number of tokens it covers, for idx and labels (B, T)
+        where labels are -100 (ignored) on positions without a target.
+
+        The LM head runs only where there is a target: with the prompt masked, that skips most rows of
+        the (N, 51200) logits, the largest activation of a training step.
+        """
+        h = self.hidden_states(idx[:, :-1])  # (B, T-1, C): position t predicts token t+1
+        targets = labels[:, 1:]
+        keep = targets != -100  # cross_entropy's ignore_index, applied before the head instead of after it
+        logits = self.lm_head(h[keep])  # (N, V)
+        # logits.float(): the softmax over 51200 entries is summed in fp32 even under bf16 autocast
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
