@@ -1,0 +1,109 @@
+"""The data pipeline: template, labels, readers for JSONL/JSON/CSV with file:line errors, split, batches."""
+
+import json
+
+import pytest
+
+import phi2
+import prompts
+from prompts import DataError, IGNORE_INDEX
+from tests.conftest import SHARED, needs_shared
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [prompts.format_prompt("write a poem") + prompts.format_answer("Write a 12-line poem about rain.")] * 5
+    return phi2.train_tokenizer(texts, 400)
+
+
+def test_template_is_the_papers():
+    assert prompts.format_prompt("  write a poem ") == "System: Fix the following prompt. Prompt: write a poem. Answer:"
+    assert prompts.format_prompt("x") + prompts.format_answer("y") == \
+        "System: Fix the following prompt. Prompt: x. Answer: y"
+
+
+def test_labels_mask_the_prompt_and_keep_answer_and_eos(tok):
+    ex = prompts.encode_pair(tok, "write a poem", "Write a 12-line poem about rain.")
+    context = tok.encode(prompts.format_prompt("write a poem"))
+    answer = tok.encode(" Write a 12-line poem about rain.")
+    assert ex.input_ids == context + answer + [tok.eos_id]
+    assert ex.labels == [IGNORE_INDEX] * len(context) + answer + [tok.eos_id]
+    assert tok.decode(ex.input_ids[len(context):-1]) == " Write a 12-line poem about rain."
+
+
+def test_collate_pads_right_and_ignores_padding(tok):
+    a = prompts.encode_pair(tok, "a", "b")
+    b = prompts.encode_pair(tok, "write a poem", "Write a 12-line poem about rain.")
+    ids, labels = prompts.collate([a, b], pad_id=tok.pad_id)
+    n = len(a.input_ids)
+    assert ids.shape == labels.shape == (2, len(b.input_ids))
+    assert ids[0, :n].tolist() == a.input_ids and (labels[0, n:] == IGNORE_INDEX).all()
+
+
+def test_too_long_examples_are_dropped_and_counted(tok):
+    pairs = [prompts.Pair("a", "b", "x:1"), prompts.Pair("a " * 200, "b", "x:2")]
+    kept, dropped = prompts.encode_pairs(tok, pairs, max_len=64)
+    assert len(kept) == 1 and dropped == 1
+
+
+def test_jsonl_json_and_csv_readers(tmp_path):
+    rows = [{"bad": "fix this", "good": "Rewrite this."}, {"bad": "two\nlines", "good": "Two, \"quoted\"\nlines."}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "d.csv").write_text('bad,good\n"fix this","Rewrite this."\n"two\nlines","Two, ""quoted""\nlines."\n')
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        pairs = prompts.read_pairs(tmp_path / name, "bad", "good")
+        assert [(p.prompt, p.target) for p in pairs] == [(r["bad"], r["good"]) for r in rows], name
+    assert [p.source.rsplit(":", 1)[1] for p in prompts.read_pairs(tmp_path / "d.csv", "bad", "good")] == ["2", "3"]
+    assert [p.source.rsplit(":", 1)[1] for p in prompts.read_pairs(tmp_path / "d.json", "bad", "good")] == ["2", "6"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": "c"}\n',
+     r"d.jsonl:2: no field 'improved' \(fields: prompt\); name the right one with --target-field"),
+    ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": " ", "improved": "b"}\n',
+     "d.jsonl:2: field 'prompt' is empty"),
+    ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": "a", "improved": "b"\n', "d.jsonl:2: not valid JSON"),
+    ("d.json", '[\n  {"prompt": "a", "improved": "b"},\n  {"prompt": "a", "improved": ""}\n]',
+     "d.json:3: field 'improved' is empty"),
+    ("d.json", '[\n  {"prompt": "a", "improved": "b"},\n  ["a", "b"]\n]', "d.json:3: expected a JSON object, got list"),
+    ("d.csv", 'prompt,improved\na,b\n"multi\nline",\n', "d.csv:3: field 'improved' is empty"),
+    ("d.csv", 'prompt,improved\na,b,c\n', "d.csv:2: more values than the header has columns"),
+    ("d.txt", "a\n", "unknown data format '.txt'"),
+])
+def test_bad_records_stop_with_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        prompts.read_pairs(tmp_path / name)
+
+
+def test_split_is_seeded_and_disjoint():
+    items = list(range(100))
+    train, val = prompts.split(items, 0.1, seed=3)
+    assert len(val) == 10 and sorted(train + val) == items
+    assert prompts.split(items, 0.1, seed=3) == (train, val) and prompts.split(items, 0.1, seed=4)[1] != val
+
+
+def test_batches_cover_each_example_once_and_group_lengths():
+    lengths = [(i * 37) % 101 for i in range(200)]
+    batches = prompts.batch_order(lengths, 4, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert batches == prompts.batch_order(lengths, 4, seed=1, epoch=0) != prompts.batch_order(lengths, 4, 1, 1)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10  # grouped by length: little padding
+
+
+def test_bundled_dataset():
+    pairs = prompts.read_pairs(prompts.DEFAULT_DATA)
+    assert len(pairs) >= 300
+    records = [json.loads(line) for line in prompts.DEFAULT_DATA.read_text().splitlines()]
+    categories = {r["category"] for r in records}
+    assert categories == {"writing", "code", "analysis", "science", "business", "education", "everyday"}
+    assert len({r["prompt"] for r in records}) == len(records)
+
+
+@needs_shared(SHARED / "prompt_pairs")
+def test_real_csv_with_multiline_fields():
+    pairs = prompts.read_pairs(SHARED / "prompt_pairs" / "oneprompted_v1.csv", "bad_prompt", "good_prompt")
+    assert len(pairs) == 1450
+    assert sum("\n" in p.target for p in pairs) > 100
