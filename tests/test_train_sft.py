@@ -1,0 +1,89 @@
+"""train_sft.py on the tiny model: learning, exact resume, frozen base, checkpoints and refusals."""
+
+import json
+
+import pytest
+import torch
+
+import lora
+import phi2
+import train_sft
+from prompts import DEFAULT_DATA
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """80 bundled pairs: small enough for fast runs."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:80]))
+    return path
+
+
+def config(data, out, **kw):
+    base = dict(model="tiny", data=str(data), out=str(out), batch_size=4, grad_accum=2, max_len=256, lr=2e-3,
+                warmup_steps=2, eval_interval=5, save_interval=5, val_fraction=0.15, dropout=0.1, rank=8)
+    return train_sft.TrainConfig(**{**base, **kw})
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def test_training_lowers_validation_loss_and_leaves_the_base_alone(data, tmp_path):
+    result = train_sft.main(config(data, tmp_path, max_steps=25))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert records[0]["step"] == 0 and val[-1] < val[0] - 0.1
+    # only LoRA tensors differ from the base on disk, which is bit-identical
+    trained = result["model"].state_dict()
+    base = phi2.load_model(tmp_path / "base", dtype=torch.bfloat16).state_dict()
+    for name, tensor in trained.items():
+        if ".lora_" in name:
+            continue
+        assert torch.equal(tensor, base[name]), name
+    assert any(not torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) for m in lora.lora_modules(result["model"]).values())
+    for folder in ("best", "last"):
+        assert (tmp_path / folder / "adapter_model.safetensors").exists()
+        assert json.loads((tmp_path / folder / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((tmp_path / "train_config.json").read_text())["rank"] == 8
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path):
+    straight = train_sft.main(config(data, tmp_path / "a", max_steps=20))
+    train_sft.main(config(data, tmp_path / "b", max_steps=20, stop_after=10))
+    assert max(losses(tmp_path / "b")) == 10
+    resumed = train_sft.main(config(data, tmp_path / "b", max_steps=20, resume=True))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert resumed["best_val_loss"] == straight["best_val_loss"]
+    for name, m in lora.lora_modules(straight["model"]).items():
+        assert torch.equal(m.lora_A, lora.lora_modules(resumed["model"])[name].lora_A), name
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    cfg = config(data, tmp_path, max_steps=10, save_interval=1, lr=1e6, grad_clip=1e9, warmup_steps=1,
+                 precision="fp32")
+    with pytest.raises(train_sft.TrainingError, match=r"training diverged at step \d+ .*; stopped, and the last good checkpoint"):
+        train_sft.main(cfg)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "state.safetensors", "pt") as f:
+        assert int(f.metadata()["step"]) >= 1
+    with safe_open(tmp_path / "last" / "adapter_model.safetensors", "pt") as f:
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_refusals(data, tmp_path):
+    with pytest.raises(train_sft.TrainingError, match="use --model tiny to run offline"):
+        train_sft.main(config(data, tmp_path / "x", model=str(tmp_path / "no-phi2")))
+    with pytest.raises(train_sft.TrainingError, match="nothing to resume"):
+        train_sft.main(config(data, tmp_path / "y", resume=True))
+    train_sft.main(config(data, tmp_path / "z", max_steps=2))
+    with pytest.raises(train_sft.TrainingError, match="already holds a run; continue it with --resume"):
+        train_sft.main(config(data, tmp_path / "z", max_steps=2))
+    with pytest.raises(train_sft.TrainingError, match="was started with --rank 8, not 16"):
+        train_sft.main(config(data, tmp_path / "z", max_steps=4, rank=16, resume=True))
+
+
+def test_cli_parses_the_papers_settings():
+    cfg = train_sft.parse_args(["--rank", "32", "--model", "tiny"])
+    assert cfg.rank == 32 and cfg.alpha == 64.0 and cfg.targets == lora.DEFAULT_TARGETS and cfg.precision == "bf16"
