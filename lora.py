@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from phi2.model import Linear, Phi2
+from phi2.model import Dropout, Linear, Phi2
 from phi2.weights import fingerprint
 from prompts import write_atomic
 
@@ -47,15 +47,18 @@ class LoRALinear(Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init (nn.Linear's default)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.merged = False
 
     def forward(self, x):
         y = super().forward(x)
         if self.merged:
             return y
-        x = self.lora_dropout(x.to(self.lora_A.dtype))  # dropout on the LoRA path only
-        return y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
+            x = x.to(self.lora_A.dtype)
+        x = self.lora_dropout(x)  # dropout on the LoRA path only
+        # scale the rank-r intermediate rather than the output: the same product, far fewer multiplies
+        return y + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(y.dtype)
 
     def delta(self):
         """The update (alpha/r) * B @ A (out, in), in fp32."""

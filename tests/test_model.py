@@ -142,3 +142,58 @@ def test_sequence_longer_than_context_is_refused(tiny_cfg):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(RuntimeError, match="setup_kv_cache"):
         model(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(autocast):
+    from phi2.model import linear_cross_entropy
+    N, C, V = 300, 32, 70_000  # V large enough that the rows go in several chunks
+    h0 = torch.randn(N, C)
+    W0, b0 = torch.randn(V, C) * 0.1, torch.randn(V) * 0.1
+    t = torch.randint(0, V, (N,))
+
+    def run(fn):
+        h, W, b = (x.clone().requires_grad_() for x in (h0, W0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, W, b)
+        loss.backward()
+        return loss, h.grad, W.grad, b.grad
+
+    ours = run(lambda h, W, b: linear_cross_entropy(h, W, b, t))
+    ref = run(lambda h, W, b: F.cross_entropy(F.linear(h, W, b).float(), t, reduction="sum"))
+    tol = 2e-2 if autocast else 1e-4  # bf16 matmuls: rounding at different places
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=tol * r.abs().max().item(), rtol=0)
+
+
+def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
+    model = phi2.build_model(tiny_cfg).eval()
+    x = _tokens(tiny_cfg, B=2, T=12)
+    labels = x.clone()
+    labels[:, :5] = -100  # a masked prompt
+    labels[1, 9:] = -100  # and padding
+    loss, n = model.loss(x, labels)
+    logits = model(x)[:, :-1]
+    ref = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    assert n == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-6)
+
+
+def test_dropout_is_an_unbiased_iid_mask():
+    from phi2.model import dropout
+    torch.manual_seed(0)
+    x = torch.ones(2_000_000)
+    for p in (0.05, 0.1, 0.5):
+        y = dropout(x, p)
+        dropped = (y == 0).double()
+        sd = (p * (1 - p) / x.numel()) ** 0.5
+        assert abs(dropped.mean().item() - p) < 5 * sd, p
+        pairs = (dropped[:-1] * dropped[1:]).mean().item()  # neighbours are independent
+        assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / x.numel()) ** 0.5, p
+        assert torch.all((y == 0) | (y == 1 / (1 - p)))
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    assert not dropout(x, 1.0).any()
+    z = torch.randn(3, 5, requires_grad=True)
+    y = dropout(z, 0.5)
+    y.sum().backward()
+    assert torch.equal(z.grad, (y != 0).float() * 2.0)
