@@ -1,9 +1,11 @@
-"""Rewrite prompts with Phi-2: `python generate.py --model checkpoints/phi-2 "write a poem about rain"`.
+"""Rewrite prompts with Phi-2: `python generate.py --lora runs/sft/best --head mistral.safetensors "a poem"`.
 
-Prompts come as arguments, from --file (.txt one per line, or .jsonl/.json/.csv with --field), or on
-stdin. Each is put in the training template and the model's answer, trimmed, is the rewrite (--raw sends
-the text as it is and prints the continuation). A single prompt streams to the terminal; files get a
-progress bar; --json prints one object per line. --out FILE writes the results atomically, keeping them
+The prompter is the base (--model, or the base the stage-1 adapter names), the stage-1 LoRA adapter
+(--lora, merged) and, per target LLM, a stage-2 head (--head, repeatable: one rewrite per head for each
+prompt). Prompts come as arguments, from --file (.txt one per line, or .jsonl/.json/.csv with --field), or
+on stdin. Each is put in the training template and the model's answer, trimmed, is the rewrite (--raw
+sends the text as it is and prints the continuation). A single prompt streams to the terminal; files get
+a progress bar; --json prints one object per line. --out FILE writes the results atomically, keeping them
 in FILE.partial as they come so that a stopped run resumes where it was.
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import lora
 import phi2
+from head_adapter import HeadError, load_head, load_prompter
 from phi2.generation import generate
 from prompts import DataError, format_prompt, read_prompts, write_atomic
 
@@ -31,7 +35,9 @@ class GenerateConfig:
     prompts: list[str] = dataclasses.field(default_factory=list)
     file: str | None = None
     field: str = "prompt"
-    model: str = "checkpoints/phi-2"
+    model: str | None = None  # default: the stage-1 adapter's base, else checkpoints/phi-2
+    lora: str | None = None
+    heads: list[str] = dataclasses.field(default_factory=list)
     raw: bool = False
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -54,7 +60,11 @@ def parse_args(argv=None) -> GenerateConfig:
     p.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
     p.add_argument("--file", help=".txt (one prompt per line), or .jsonl/.json/.csv records")
     p.add_argument("--field", default="prompt", help="the prompt's field in --file records")
-    p.add_argument("--model", default="checkpoints/phi-2", help="Phi-2 checkpoint folder")
+    p.add_argument("--model", help="base checkpoint folder (default: the --lora adapter's base, else "
+                   "checkpoints/phi-2)")
+    p.add_argument("--lora", help="stage-1 LoRA adapter folder, e.g. runs/sft/best")
+    p.add_argument("--head", dest="heads", action="append", default=[],
+                   help="a stage-2 head file (repeatable: one rewrite per head)")
     p.add_argument("--raw", action="store_true", help="no template: continue the text as it is")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -88,17 +98,15 @@ def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
 
 
 def load(cfg: GenerateConfig):
-    """The model and tokenizer."""
-    folder = Path(cfg.model)
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: no such model folder; download Phi-2 with `huggingface-cli download "
-                         f"microsoft/phi-2 --local-dir {folder}` or pass --model DIR")
-    return phi2.load_model(folder, dtype=DTYPES[cfg.dtype]), phi2.load_tokenizer(folder)
+    """The model (with the stage-1 adapter merged), its tokenizer, and [(target, head)] to generate with."""
+    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, DTYPES[cfg.dtype])
+    heads = [(h.target, h) for h in (load_head(f, model, base_fingerprint, stage1) for f in cfg.heads)]
+    return model, tokenizer, heads or [(None, None)]
 
 
 def main(cfg: GenerateConfig) -> list[dict]:
     prompts = collect_prompts(cfg)
-    model, tokenizer = load(cfg)
+    model, tokenizer, heads = load(cfg)
     context = model.config.block_size
 
     # tokenize, and set aside what cannot fit
@@ -113,79 +121,87 @@ def main(cfg: GenerateConfig) -> list[dict]:
         todo.append((i, ids))
 
     partial = Path(cfg.out + ".partial") if cfg.out else None
-    done = _resume(partial, prompts) if partial else {}
-    todo = [(i, ids) for i, ids in todo if i not in done]
-    stream = len(prompts) == 1 and not cfg.json and not cfg.out
+    records = _resume(partial, prompts, heads) if partial else {}  # (index, target) -> record
+    targets = [target for target, _ in heads]
+    todo = [(i, ids) for i, ids in todo if any((i, t) not in records for t in targets)]
+    stream = len(prompts) == 1 and len(heads) == 1 and not cfg.json and not cfg.out
     bar = tqdm(total=len(todo), unit="prompt", disable=stream or len(prompts) == 1, file=sys.stderr)
     sink = open(partial, "a", encoding="utf-8") if partial else None
 
-    records = dict(done)
     window = cfg.batch_size * WINDOW
     try:
         for start in range(0, len(todo), window):
             chunk = sorted(todo[start:start + window], key=lambda item: len(item[1]))  # less padding
             for b in range(0, len(chunk), cfg.batch_size):
                 batch = chunk[b:b + cfg.batch_size]
-                callback = _printer(cfg.raw) if stream else None
-                t = time.perf_counter()
-                out = generate(model, [ids for _, ids in batch], cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
-                               eos_id=tokenizer.eos_id, tokenizer=tokenizer, stop_strings=cfg.stop,
-                               callback=callback)
-                seconds = time.perf_counter() - t
-                new_tokens = sum(len(c.ids) for c in out)
-                for (i, ids), c in zip(batch, out):
-                    records[i] = {
-                        "index": i, "source": prompts[i][0], "input": prompts[i][1],
-                        "output": c.text if cfg.raw else c.text.strip(),
-                        "prompt_tokens": len(ids), "new_tokens": len(c.ids), "finish": c.finish,
-                        "seconds": round(seconds, 4), "tokens_per_s": round(new_tokens / seconds, 2),
-                    }
-                    if sink:
-                        sink.write(json.dumps(records[i], ensure_ascii=False) + "\n")
-                        sink.flush()
+                for target, head in heads:  # the same prompts, once per target's head
+                    t = time.perf_counter()
+                    out = generate(model, [ids for _, ids in batch], cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+                                   eos_id=tokenizer.eos_id, tokenizer=tokenizer, stop_strings=cfg.stop,
+                                   callback=_printer(cfg.raw) if stream else None, head=head)
+                    seconds = time.perf_counter() - t
+                    new_tokens = sum(len(c.ids) for c in out)
+                    for (i, ids), c in zip(batch, out):
+                        record = {
+                            "index": i, "source": prompts[i][0], "input": prompts[i][1], "target": target,
+                            "output": c.text if cfg.raw else c.text.strip(),
+                            "prompt_tokens": len(ids), "new_tokens": len(c.ids), "finish": c.finish,
+                            "seconds": round(seconds, 4), "tokens_per_s": round(new_tokens / seconds, 2),
+                        }
+                        records[i, target] = record
+                        if sink:
+                            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                            sink.flush()
                 bar.update(len(batch))
             if not cfg.out and not stream:  # print the window's results, in input order
                 for i, _ in sorted(todo[start:start + window]):
-                    print(_render(records[i], cfg.json, several=len(prompts) > 1), flush=True)
+                    print(_render([records[i, t] for t in targets], cfg.json, several=len(prompts) > 1), flush=True)
     finally:
         bar.close()
         if sink:
             sink.close()
 
-    ordered = [records[i] for i in sorted(records)]
+    indices = sorted({i for i, _ in records})
     if cfg.out:
-        write_atomic(cfg.out, "".join(_render(r, cfg.json, several=True) + "\n" for r in ordered))
+        text = "".join(_render([records[i, t] for t in targets], cfg.json, several=True) + "\n" for i in indices)
+        write_atomic(cfg.out, text)
         partial.unlink()
-        print(f"wrote {len(ordered)} results to {cfg.out}", file=sys.stderr)
+        print(f"wrote {len(indices)} results to {cfg.out}", file=sys.stderr)
     elif stream:
         print()
-    return ordered
+    return [records[i, t] for i in indices for t in targets]
 
 
-def _resume(partial: Path, prompts) -> dict:
-    """Results already in FILE.partial from a stopped run, keyed by prompt index."""
+def _resume(partial: Path, prompts, heads) -> dict:
+    """Results already in FILE.partial from a stopped run, keyed by (prompt index, target)."""
     if not partial.exists():
         return {}
-    done = {}
+    done, targets = {}, {target for target, _ in heads}
     for n, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by the stop: that prompt runs again
         i = record.get("index")
-        if not isinstance(i, int) or i >= len(prompts) or record.get("input") != prompts[i][1]:
-            raise UsageError(f"{partial}:{n}: results for other prompts; delete it or choose another --out")
-        done[i] = record
+        if (not isinstance(i, int) or i >= len(prompts) or record.get("input") != prompts[i][1]
+                or record.get("target") not in targets):
+            raise UsageError(f"{partial}:{n}: results for other prompts or heads; delete it or choose another --out")
+        done[i, record["target"]] = record
     if done:
         print(f"resuming: {len(done)} results already in {partial}", file=sys.stderr)
     return done
 
 
-def _render(record: dict, as_json: bool, several: bool) -> str:
+def _render(records: list[dict], as_json: bool, several: bool) -> str:
+    """One prompt's results (one per target) as JSON lines or as text."""
     if as_json:
-        return json.dumps(record, ensure_ascii=False)
-    return f"> {record['input']}\n{record['output']}\n" if several else record["output"]
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    if not several and len(records) == 1:
+        return records[0]["output"]
+    lines = [f"> {records[0]['input']}"]
+    lines += [r["output"] if r["target"] is None else f"[{r['target']}] {r['output']}" for r in records]
+    return "\n".join(lines) + "\n"
 
 
 def _printer(raw: bool):
@@ -209,7 +225,8 @@ def _warn(message):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (UsageError, DataError, phi2.ConfigError, phi2.CheckpointError, FileNotFoundError) as e:
+    except (UsageError, DataError, HeadError, lora.AdapterError, phi2.ConfigError, phi2.CheckpointError,
+            FileNotFoundError) as e:
         sys.exit(f"generate.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("generate.py: interrupted" + (" (rerun the same command to resume)" if "--out" in sys.argv else ""))

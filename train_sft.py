@@ -143,9 +143,11 @@ def main(cfg: TrainConfig) -> dict:
     lora.inject(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
     model.gradient_checkpointing = cfg.grad_checkpointing
     params = lora.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    autocast = torch.autocast("cpu" if model.lm_head.weight.is_cpu else "cuda", dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16")
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    device = model.lm_head.weight.device.type
+
+    def autocast():  # a fresh context each time: an autocast object must not be entered twice at once
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     lengths = [len(e.input_ids) for e in train]
     steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
@@ -164,7 +166,7 @@ def main(cfg: TrainConfig) -> dict:
         """Mean validation loss per answer token."""
         model.eval()
         total, count = 0.0, 0
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast():
             for i in range(0, len(val), cfg.batch_size):
                 ids, labels = collate(val[i:i + cfg.batch_size], tokenizer.pad_id)
                 loss, n = model.loss(ids, labels)
@@ -197,7 +199,7 @@ def main(cfg: TrainConfig) -> dict:
             n_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
             step_loss = 0.0
             for ids, labels in batches:
-                with autocast:
+                with autocast():
                     loss, _ = model.loss(ids, labels)
                     loss = loss / n_targets
                 loss.backward()

@@ -41,17 +41,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-def prefill(model: Phi2, idx, mask=None, position_ids=None):
+def prefill(model: Phi2, idx, mask=None, position_ids=None, head=None):
     """Run the prompts (B, T) through the model from slot 0; logits of the last position (B, V)."""
     T = idx.size(1)
     h = model.hidden_states(idx, torch.arange(T, device=idx.device), mask, position_ids)  # (B, T, C)
-    return model.lm_head(h[:, -1])  # only the last position is needed: skip T-1 rows of the LM head
+    head = model.output_head if head is None else head
+    return head(h[:, -1])  # only the last position: skip T-1 rows of the LM head
 
 
-def decode_one_token(model: Phi2, token, pos: int, mask=None, position_ids=None):
+def decode_one_token(model: Phi2, token, pos: int, mask=None, position_ids=None, head=None):
     """Feed one token per row (B,) at cache slot pos; logits (B, V)."""
     input_pos = torch.tensor([pos], device=token.device)
-    return model(token[:, None], input_pos, mask, position_ids)[:, -1]
+    h = model.hidden_states(token[:, None], input_pos, mask, position_ids)  # (B, 1, C)
+    head = model.output_head if head is None else head
+    return head(h[:, -1])
 
 
 def left_padding(valid):
@@ -88,12 +91,13 @@ def _releasable(text, stop_strings):
 
 @torch.inference_mode()
 def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_id=None, tokenizer=None, stop_strings=(), callback=None) -> list[Completion]:
+             seed=None, eos_id=None, tokenizer=None, stop_strings=(), callback=None, head=None) -> list[Completion]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Rows stop at eos_id or at any of stop_strings (which need a tokenizer). callback(row, text) receives
     each row's text as it becomes final, in pieces. Rows of different lengths are left-padded: their rotary
-    positions start at 0 and padded slots are masked, so a row does not depend on the others.
+    positions start at 0 and padded slots are masked, so a row does not depend on the others. head: a
+    module mapping hidden states to logits (a stage-2 head adapter) for this call, instead of the model's.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -119,7 +123,7 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
     incremental = bool(stop_strings or callback)  # else the text is decoded once, at the end
     model.setup_kv_cache(B, T + max_new_tokens, device=device)
     try:
-        token = sample(prefill(model, idx, mask, position_ids), temperature, top_k, top_p, generator)
+        token = sample(prefill(model, idx, mask, position_ids, head), temperature, top_k, top_p, generator)
         for step in range(max_new_tokens):
             for row, tok in zip(rows, token.tolist()):
                 if row.finish:
@@ -141,7 +145,7 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
             if padded:
                 mask = key_valid[:, None, None, : pos + 1]  # (B, 1, 1, S)
                 position_ids = position_ids[:, -1:] + 1  # (B, 1)
-            logits = decode_one_token(model, token, pos, mask, position_ids)
+            logits = decode_one_token(model, token, pos, mask, position_ids, head)
             token = sample(logits, temperature, top_k, top_p, generator)
     finally:
         model.clear_kv_cache()

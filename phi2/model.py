@@ -103,13 +103,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, dtype):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = h.size(0), weight.size(0)
         W, b = weight.to(dtype), bias.to(dtype)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_logits = torch.empty(N, V, dtype=dtype, device=h.device) if need_w else None  # for one dW GEMM
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        chunk = max(1, 2**22 // W.size(0))
-        for start in range(0, h.size(0), chunk):
+        chunk = max(1, 2**22 // V)
+        for start in range(0, N, chunk):
             hc, t = h[start:start + chunk].to(dtype), targets[start:start + chunk]
             logp = F.linear(hc, W, b).float().log_softmax(dim=-1)  # (n, V)
             total -= logp.gather(1, t[:, None]).sum()
@@ -122,7 +123,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk] = g @ W  # (n, C)
                 if need_w:
-                    grad_w += g.t() @ hc  # (V, C)
+                    grad_logits[start:start + chunk] = g
+        # one (V, N) @ (N, C) product: per chunk, the (V, C) gradient would be read and written each time
+        grad_w = (grad_logits.t() @ h.to(dtype)).float() if need_w else None
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
 
@@ -220,6 +223,7 @@ class Phi2(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
+        self.head_adapter = None  # stage 2: a head_adapter.HeadAdapter used in place of lm_head, if attached
         self.gradient_checkpointing = False
         R = config.rotary_dim
         self.register_buffer("rope_cos", torch.empty(config.block_size, R), persistent=False)
@@ -296,9 +300,14 @@ class Phi2(nn.Module):
                 x = block(x, cos, sin, mask, input_pos, kv_len)
         return self.final_layernorm(x)
 
+    @property
+    def output_head(self):
+        """The module that maps final hidden states to logits: lm_head, or an attached head adapter."""
+        return self.lm_head if self.head_adapter is None else self.head_adapter
+
     def forward(self, idx, input_pos=None, mask=None, position_ids=None):
         """Logits (B, T, V) for token ids idx (B, T); arguments as in hidden_states."""
-        return self.lm_head(self.hidden_states(idx, input_pos, mask, position_ids))
+        return self.output_head(self.hidden_states(idx, input_pos, mask, position_ids))
 
     def loss(self, idx, labels):
         """Summed next-token cross-entropy and the number of tokens it covers, for idx and labels (B, T)
@@ -310,6 +319,8 @@ class Phi2(nn.Module):
         h = self.hidden_states(idx[:, :-1])  # (B, T-1, C): position t predicts token t+1
         targets = labels[:, 1:]
         keep = targets != -100  # cross_entropy's ignore_index, applied before the head instead of after it
-        head = self.lm_head
-        loss = linear_cross_entropy(h[keep], head.weight, head.bias, targets[keep])  # h[keep]: (N, C)
+        if self.head_adapter is not None:
+            loss = self.head_adapter.loss(h[keep], targets[keep])
+        else:
+            loss = linear_cross_entropy(h[keep], self.lm_head.weight, self.lm_head.bias, targets[keep])
         return loss, int(keep.sum())

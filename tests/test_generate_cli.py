@@ -88,7 +88,7 @@ def test_prompt_longer_than_context_is_skipped_with_a_warning(tiny_checkpoint, c
 
 
 def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
-    with pytest.raises(generate.UsageError, match="no such model folder; download Phi-2 with `huggingface-cli"):
+    with pytest.raises(phi2.CheckpointError, match="no Phi-2 checkpoint here; download it with `huggingface-cli"):
         run(capsys, "--model", tmp_path / "missing", "hello")
     with pytest.raises(generate.UsageError, match="argument 2 is an empty prompt"):
         run(capsys, "--model", tiny_checkpoint, "hello", "  ")

@@ -1,0 +1,180 @@
+"""Stage 2: a head adapter per target LLM, one small file each, on a shared base.
+
+        h (final LayerNorm output, C) ── adapter: W_a h + b_a ── lm_head copy: W h' + b ──> logits (V)
+                                          (C x C, identity at init)   (trainable, starts as the base head)
+
+Only the adapter and the head copy are trained, on pairs the target LLM itself improved ("Designing
+Universal Prompts for LLM"); at initialisation the logits are bit-identical to the base model's. A head
+attaches to and detaches from a loaded model (or goes to generate() per call), so one process serves
+several targets. The file holds only the head's tensors and metadata: the target's name, the base's
+config and weight fingerprint, the stage-1 adapter it was trained on, the sizes. `head_rank` swaps the
+full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of the frozen base head, which
+is what makes a file small (README: "Head files"). Left out: per-target tokenizers or vocabularies.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+import phi2
+from lora import LoRALinear
+from phi2.model import Linear, Phi2, linear_cross_entropy
+from phi2.weights import fingerprint
+
+FORMAT = "phi2-prompter head adapter v1"
+
+
+class HeadError(ValueError):
+    """A head file that is not a head, or not for this base; the message names the file and the reason."""
+
+
+class HeadAdapter(nn.Module):
+    def __init__(self, lm_head: nn.Linear, head_rank: int | None = None, dtype=torch.float32):
+        super().__init__()
+        C, V = lm_head.in_features, lm_head.out_features
+        device = lm_head.weight.device
+        self.adapter = Linear(C, C, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.adapter.weight.copy_(torch.eye(C))
+            self.adapter.bias.zero_()
+        self.head_rank = head_rank
+        if head_rank is None:  # the papers' choice: a full trainable copy of the LM head
+            self.lm_head = Linear(C, V, device=device, dtype=dtype)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(lm_head.weight)
+                self.lm_head.bias.copy_(lm_head.bias)
+        else:  # the base head, frozen and shared, plus a trainable rank-r update (B starts at zero)
+            self.lm_head = LoRALinear(lm_head, head_rank, alpha=float(head_rank))
+            self.lm_head.lora_A.data = self.lm_head.lora_A.data.to(dtype)
+            self.lm_head.lora_B.data = self.lm_head.lora_B.data.to(dtype)
+
+    def forward(self, h):
+        return self.lm_head(self.adapter(h))  # (..., V)
+
+    def head_weight(self):
+        """The head's effective weight (V, C)."""
+        if self.head_rank is None:
+            return self.lm_head.weight
+        update = (self.lm_head.lora_B @ self.lm_head.lora_A) * self.lm_head.scaling  # (V, C)
+        return self.lm_head.weight + update.to(self.lm_head.weight.dtype)
+
+    def loss(self, h, targets):
+        """Summed cross-entropy of this head's logits for h (N, C) against targets (N,)."""
+        return linear_cross_entropy(self.adapter(h), self.head_weight(), self.lm_head.bias, targets)
+
+    def trained_tensors(self) -> dict:
+        """The tensors a head file stores: the adapter, and the head copy or its low-rank update."""
+        head = ["lm_head.weight", "lm_head.bias"] if self.head_rank is None else ["lm_head.lora_A", "lm_head.lora_B"]
+        params = dict(self.named_parameters())
+        return {f"head_adapter.{n}": params[n].detach().contiguous() for n in ["adapter.weight", "adapter.bias", *head]}
+
+
+def attach(model: Phi2, head: HeadAdapter):
+    """Use head in place of the model's lm_head (model(x) and model.loss then go through it)."""
+    model.head_adapter = head
+
+
+def detach(model: Phi2):
+    model.head_adapter = None
+
+
+def stage1_id(adapter_folder) -> str:
+    """Identity of a stage-1 LoRA adapter: a hash of its weights file ("none" without one)."""
+    if adapter_folder is None:
+        return "none"
+    data = (Path(adapter_folder) / "adapter_model.safetensors").read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprint: str, stage1: str):
+    """Write the head's trained tensors and its metadata to one safetensors file, atomically."""
+    path = Path(path)
+    config = model.config
+    metadata = {
+        "format": FORMAT,
+        "target": target,
+        "base_fingerprint": base_fingerprint,
+        "base_config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+        "stage1_adapter": stage1,
+        "hidden_size": str(config.n_embd),
+        "vocab_size": str(config.vocab_size),
+        "head_rank": "full" if head.head_rank is None else str(head.head_rank),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(head.trained_tensors(), tmp, metadata=metadata)
+    tmp.replace(path)
+
+
+def read_metadata(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise HeadError(f"{path}: no such head file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+        raise HeadError(f"{path}: not a safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise HeadError(f"{path}: not a head adapter (no '{FORMAT}' marker); heads are made by train_head.py")
+    return metadata
+
+
+def load_head(path, model: Phi2, base_fingerprint: str, stage1: str, dtype=None) -> HeadAdapter:
+    """A head from its file, checked against the base it goes on (fingerprint taken before any LoRA merge)
+    and the stage-1 adapter in use; in dtype (default: the model's)."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    if metadata["base_fingerprint"] != base_fingerprint:
+        raise HeadError(f"{path}: made for another base model (fingerprint {metadata['base_fingerprint']}, this "
+                        f"base is {base_fingerprint}); load the base it was trained on")
+    if metadata["stage1_adapter"] != stage1:
+        raise HeadError(f"{path}: trained on stage-1 adapter {metadata['stage1_adapter']}, but the one in use is "
+                        f"{stage1}; pass the --lora it was trained with")
+    rank = None if metadata["head_rank"] == "full" else int(metadata["head_rank"])
+    head = HeadAdapter(model.lm_head, rank, dtype=dtype or model.lm_head.weight.dtype)
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    expected = head.trained_tensors()
+    if set(tensors) != set(expected):
+        raise HeadError(f"{path}: holds {sorted(tensors)[:3]}..., expected {sorted(expected)[:3]}...; the file "
+                        "is damaged")
+    params = dict(head.named_parameters())
+    with torch.no_grad():
+        for key in expected:
+            param = params[key.removeprefix("head_adapter.")]
+            if tensors[key].shape != param.shape:
+                raise HeadError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base needs "
+                                f"{tuple(param.shape)}")
+            param.copy_(tensors[key])
+    head.target = metadata["target"]
+    return head.requires_grad_(False).eval()
+
+
+def base_folder(model_dir, lora_dir) -> Path:
+    """--model; else the base named in the stage-1 adapter's config; else checkpoints/phi-2."""
+    if model_dir is None and lora_dir:
+        model_dir = lora.read_adapter_config(lora_dir).get("base_model_name_or_path")
+    folder = Path(model_dir or "checkpoints/phi-2")
+    if not (folder / "config.json").exists():
+        raise phi2.CheckpointError(f"{folder}: no Phi-2 checkpoint here; download it with `huggingface-cli download "
+                                   f"microsoft/phi-2 --local-dir {folder}`, or pass --model DIR")
+    return folder
+
+
+def load_prompter(model_dir, lora_dir, dtype):
+    """The base with the stage-1 adapter merged in (frozen, eval mode), its tokenizer, the base's
+    fingerprint (taken before the merge) and the stage-1 adapter's identity: what heads are checked against."""
+    folder = base_folder(model_dir, lora_dir)
+    model = phi2.load_model(folder, dtype=dtype)
+    base_fingerprint = fingerprint(model)
+    if lora_dir:
+        lora.load_adapter(model, lora_dir, merge_weights=True)
+    return model.requires_grad_(False).eval(), phi2.load_tokenizer(folder), base_fingerprint, stage1_id(lora_dir)
