@@ -1,0 +1,186 @@
+"""target_data.py against a small OpenAI-compatible server on 127.0.0.1: results, retries, the concurrency
+bound, resuming after a crash, and the API key never appearing in any output."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import target_data
+
+KEY = "sk-test-SECRET-7f3a9c"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeLLM:
+    """A chat-completions server: improves prompts as "Improved: <prompt>", after failing each prompt with
+    the statuses in fail[prompt] first; records attempts and the most requests in flight at once."""
+
+    def __init__(self, delay=0.0, fail=None, reject_key=False):
+        self.delay, self.fail, self.reject_key = delay, dict(fail or {}), reject_key
+        self.attempts, self.in_flight, self.max_in_flight = [], 0, 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with fake.lock:
+                    fake.attempts.append(prompt)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    failures = fake.fail.get(prompt, [])
+                    status = failures.pop(0) if failures else 200
+                try:
+                    time.sleep(fake.delay)
+                    if fake.reject_key or self.headers["Authorization"] != f"Bearer {KEY}":
+                        # a careless server that echoes the credentials it got
+                        return self._reply(401, {"error": f"invalid key {self.headers['Authorization']}"})
+                    if status != 200:
+                        return self._reply(status, {"error": "try later"}, {"Retry-After": "0"})
+                    assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
+                    self._reply(200, {"choices": [{"message": {"role": "assistant", "content": f"Improved: {prompt}"}}]})
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _reply(self, status, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(**kw):
+        servers.append(FakeLLM(**kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"prompt number {i}\n" for i in range(12)))
+    return path
+
+
+def config(server, prompts_file, out, **kw):
+    base = dict(base_url=server.url, model="target-1", out=str(out), data=str(prompts_file), api_key_env="TEST_KEY",
+                concurrency=3, retry_base=0.001, timeout=5.0)
+    return target_data.TargetDataConfig(**{**base, **kw})
+
+
+def read_out(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_prompt_is_improved_once(server_factory, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEY", KEY)
+    server = server_factory(delay=0.02)
+    summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl"))
+    records = read_out(tmp_path / "out.jsonl")
+    assert summary == {"asked": 12, "written": 12, "failed": 0}
+    assert sorted(r["prompt"] for r in records) == sorted(f"prompt number {i}" for i in range(12))
+    assert all(r["improved"] == f"Improved: {r['prompt']}" and r["target"] == "target-1" for r in records)
+
+
+def test_concurrency_is_bounded(server_factory, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEY", KEY)
+    server = server_factory(delay=0.1)
+    target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", concurrency=3))
+    assert server.max_in_flight == 3  # reached, never passed
+
+
+def test_retries_on_429_5xx_then_gives_up_cleanly(server_factory, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEY", KEY)
+    fail = {"prompt number 1": [429, 500], "prompt number 2": [503], "prompt number 3": [500] * 10,
+            "prompt number 4": [400]}
+    server = server_factory(fail=fail)
+    summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", max_retries=3))
+    done = {r["prompt"] for r in read_out(tmp_path / "out.jsonl")}
+    assert summary["failed"] == 2 and "prompt number 3" not in done and "prompt number 4" not in done
+    assert {"prompt number 1", "prompt number 2"} <= done
+    assert server.attempts.count("prompt number 1") == 3 and server.attempts.count("prompt number 3") == 4
+    assert server.attempts.count("prompt number 4") == 1  # a 400 is not retried
+    # a rerun (the server healthy again) asks only for what failed
+    server.attempts.clear()
+    server.fail.clear()
+    summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", max_retries=3))
+    assert sorted(set(server.attempts)) == ["prompt number 3", "prompt number 4"] and summary["written"] == 2
+
+
+def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
+    server = server_factory(delay=0.15)
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, str(ROOT / "target_data.py"), "--base-url", server.url, "--model", "target-1",
+            "--out", str(out), "--data", str(prompts_file), "--api-key-env", "TEST_KEY", "--concurrency", "2"]
+    env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 20
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.kill()  # a crash: no cleanup, requests in flight are lost
+    proc.communicate()
+    with open(out, "a") as f:
+        f.write('{"prompt": "prompt number 9", "impro')  # and a line cut short
+    first = {r for r in out.read_text().splitlines()[:-1]}
+    assert 4 <= len(first) < 12
+    server.attempts.clear()
+    result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    records = read_out(out)
+    prompts = [r["prompt"] for r in records]
+    assert sorted(prompts) == sorted(f"prompt number {i}" for i in range(12))  # all, each once
+    assert len(server.attempts) == 12 - len(first)  # only what was missing was asked again
+
+
+def test_the_key_never_appears(server_factory, prompts_file, tmp_path):
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, str(ROOT / "target_data.py"), "--model", "target-1", "--data", str(prompts_file),
+            "--api-key-env", "TEST_KEY", "--concurrency", "2", "--out", str(out)]
+    env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    good = server_factory(fail={"prompt number 0": [500, 500]})
+    ok = subprocess.run(argv + ["--base-url", good.url], env=env, cwd=ROOT, capture_output=True, text=True)
+    refusing = server_factory(reject_key=True)
+    bad = subprocess.run(argv + ["--base-url", refusing.url, "--out", str(tmp_path / "other.jsonl")], env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and bad.returncode == 1
+    assert "refused the API key (HTTP 401); check $TEST_KEY" in bad.stderr
+    for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr, out.read_text()):
+        assert KEY not in text
+
+
+def test_missing_key_is_a_clear_error(prompts_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    cfg = target_data.TargetDataConfig(base_url="http://127.0.0.1:9", model="m", out=str(tmp_path / "o.jsonl"),
+                                       data=str(prompts_file), api_key_env="NO_SUCH_KEY")
+    with pytest.raises(target_data.TargetDataError, match="environment variable NO_SUCH_KEY"):
+        target_data.main(cfg)
