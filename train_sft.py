@@ -218,8 +218,9 @@ def main(cfg: TrainConfig) -> dict:
             step += 1
 
             tokens = sum(lengths[i] for idx in micro_batches for i in idx)
-            record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                      "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            seconds = time.perf_counter() - t0
+            record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "seconds": seconds,
+                      "tokens_per_s": tokens / seconds}
             if val and (step % cfg.eval_interval == 0 or step == total_steps):
                 record["val_loss"] = evaluate()
                 if record["val_loss"] < best_val:

@@ -1,0 +1,86 @@
+"""Stage 2's cost: a head epoch against a stage-1 epoch, on the full-width 2-layer Phi-2 config.
+
+    python bench/head_epoch.py [--pairs 64] [--head-rank 64]
+
+Random weights in the released layout with the real Phi-2 tokenizer; real pairs (the oneprompted CSV,
+cut to --max-len), batch 4, bf16 autocast, 2 threads. Times come from the runs' own per-step logs:
+one stage-1 epoch (LoRA rank 32), then three head epochs, where the first computes and caches the frozen
+body's outputs and the later ones train the head on them alone; for the papers' full head copy and for a
+rank-r head update. Also prints the head files' sizes: the width and vocabulary are Phi-2's, so these are
+the sizes a real Phi-2 head has.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+import phi2  # noqa: E402
+import train_head  # noqa: E402
+import train_sft  # noqa: E402
+
+
+def epoch_seconds(metrics: Path) -> dict:
+    """{epoch: seconds} summed from a run's per-step log."""
+    out = {}
+    for r in map(json.loads, metrics.read_text().splitlines()):
+        if "seconds" in r:
+            out[r["epoch"]] = out.get(r["epoch"], 0.0) + r["seconds"]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--head-rank", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp())
+    base = tmp / "base"
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = phi2.Phi2Config.from_name("phi-2", n_layer=2)
+    transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).save_pretrained(base)
+    shutil.copy(SHARED / "phi-2" / "tokenizer.json", base)  # into the temporary checkpoint, not the project
+
+    from prompts import read_pairs
+    pairs = read_pairs(SHARED / "prompt_pairs" / "oneprompted_v1.csv", "bad_prompt", "good_prompt")
+    tok = phi2.load_tokenizer(base)
+    short = [p for p in pairs if len(tok.encode(p.prompt + " " + p.target)) < args.max_len - 30][: args.pairs]
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "improved": p.target}) + "\n" for p in short))
+
+    common = dict(data=str(data), batch_size=4, grad_accum=1, max_len=args.max_len, val_fraction=0.0, seed=0)
+    train_sft.main(train_sft.TrainConfig(model=str(base), out=str(tmp / "sft"), epochs=1, rank=32,
+                                         save_interval=10**6, **common))
+    stage1 = epoch_seconds(tmp / "sft" / "metrics.jsonl")[0]
+    rows = []
+    for rank in (None, args.head_rank):
+        name = "full head" if rank is None else f"rank-{rank} head"
+        run = tmp / f"head-{rank}"
+        train_head.main(train_head.HeadConfig(target="bench", lora=str(tmp / "sft" / "best"), out=str(run / "h.safetensors"),
+                                              run_dir=str(run), epochs=3, head_rank=rank, save_interval=10**6, **common))
+        epochs = epoch_seconds(run / "metrics.jsonl")
+        later = statistics.mean([epochs[1], epochs[2]])
+        rows.append((name, epochs[0], later, (run / "h.safetensors").stat().st_size))
+
+    print(f"\n{len(short)} pairs, batch 4, max_len {args.max_len}; stage-1 epoch (LoRA rank 32): {stage1:.1f} s\n")
+    print("| head | epoch 1 (body + head) | later epochs (cached) | later / stage-1 epoch | head file (fp32) |")
+    print("|---|---|---|---|---|")
+    for name, first, later, size in rows:
+        print(f"| {name} | {first:.1f} s | {later:.1f} s | {later / stage1:.0%} | {size / 1e6:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()
