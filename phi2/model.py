@@ -80,7 +80,7 @@ def dropout(x, p: float, training: bool = True):
         drops = last + gaps.long().cumsum(0)
         keep[drops[drops < n]] = False
         last = int(drops[-1])
-    return x * keep.view(x.shape) * (1.0 / (1.0 - p))
+    return (x * keep.view(x.shape)).mul_(1.0 / (1.0 - p))  # in place: one temporary of x's size, not two
 
 
 class Dropout(nn.Dropout):
@@ -125,7 +125,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_w:
                     grad_logits[start:start + chunk] = g
         # one (V, N) @ (N, C) product: per chunk, the (V, C) gradient would be read and written each time
-        grad_w = (grad_logits.t() @ h.to(dtype)).float() if need_w else None
+        grad_w = (grad_logits.t() @ h.to(dtype)).to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
 
@@ -211,7 +212,7 @@ class Block(nn.Module):
             h = h.to(torch.get_autocast_dtype(h.device.type))
         attn = self.resid_dropout(self.self_attn(h, cos, sin, mask, input_pos, kv_len))
         mlp = self.resid_dropout(self.mlp(h))
-        return attn + mlp + x  # HF's order of the sum
+        return attn.add_(mlp).add_(x)  # attn + mlp + x, HF's order, summed in place (no backward needs attn)
 
 
 class Phi2(nn.Module):
