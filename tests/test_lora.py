@@ -145,3 +145,27 @@ def test_unsupported_adapter_configs(tiny_cfg, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(lora.AdapterError, match="adapter_model.bin is not read"):
         lora.load_adapter(phi2.build_model(tiny_cfg), tmp_path)
+
+
+def test_lora_gradients_match_peft(base):
+    folder, hf = base
+    pm = _peft_model(hf)
+    ours = phi2.load_model(folder)
+    lora.inject(ours, rank=8, alpha=16.0)
+    with torch.no_grad():  # copy peft's adapter weights into ours
+        for name, m in lora.lora_modules(ours).items():
+            m.lora_A.copy_(pm.get_submodule(f"base_model.model.model.{name}.lora_A.default").weight)
+            m.lora_B.copy_(pm.get_submodule(f"base_model.model.model.{name}.lora_B.default").weight)
+    x = torch.randint(0, 256, (2, 19))
+    labels = x.clone()
+    labels[:, :6] = -100
+    pm.train()
+    pm(input_ids=x, labels=labels).loss.backward()
+    ours.train()
+    loss, n = ours.loss(x, labels)
+    (loss / n).backward()
+    for name, m in lora.lora_modules(ours).items():
+        ref = pm.get_submodule(f"base_model.model.model.{name}.lora_B.default").weight.grad
+        torch.testing.assert_close(m.lora_B.grad, ref, atol=1e-6, rtol=1e-4, msg=name)
+        ref = pm.get_submodule(f"base_model.model.model.{name}.lora_A.default").weight.grad
+        torch.testing.assert_close(m.lora_A.grad, ref, atol=1e-6, rtol=1e-4, msg=name)
