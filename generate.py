@@ -101,6 +101,9 @@ def load(cfg: GenerateConfig):
     """The model (with the stage-1 adapter merged), its tokenizer, and [(target, head)] to generate with."""
     model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, DTYPES[cfg.dtype])
     heads = [(h.target, h) for h in (load_head(f, model, base_fingerprint, stage1) for f in cfg.heads)]
+    names = [target for target, _ in heads]
+    if len(set(names)) < len(names):
+        raise UsageError(f"two heads are for the same target ({', '.join(names)}); give one head per target")
     return model, tokenizer, heads or [(None, None)]
 
 
