@@ -147,13 +147,7 @@ def load_head(path, model: Phi2, base_fingerprint: str, stage1: str, dtype=None)
         raise HeadError(f"{path}: holds {sorted(tensors)[:3]}..., expected {sorted(expected)[:3]}...; the file "
                         "is damaged")
     params = dict(head.named_parameters())
-    with torch.no_grad():
-        for key in expected:
-            param = params[key.removeprefix("head_adapter.")]
-            if tensors[key].shape != param.shape:
-                raise HeadError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base needs "
-                                f"{tuple(param.shape)}")
-            param.copy_(tensors[key])
+    lora.copy_checked({key: params[key.removeprefix("head_adapter.")] for key in expected}, tensors, path, HeadError)
     head.target = metadata["target"]
     return head.requires_grad_(False).eval()
 

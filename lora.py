@@ -179,6 +179,16 @@ def read_adapter_config(folder) -> dict:
     return config
 
 
+@torch.no_grad()
+def copy_checked(params: dict, tensors: dict, file, error=AdapterError):
+    """Copy tensors[key] into params[key] for every key of params, refusing any shape that differs."""
+    for key, param in params.items():
+        if tensors[key].shape != param.shape:
+            raise error(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base needs "
+                        f"{tuple(param.shape)}; it was made for another model")
+        param.copy_(tensors[key])
+
+
 def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
     """Inject LoRA layers as described by a peft adapter folder and load their tensors; returns its config.
 
@@ -209,12 +219,7 @@ def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
         what = f"has tensor {extra[0]!r} that this base lacks" if extra else f"lacks tensor {missing[0]!r}"
         raise AdapterError(f"{file}: {what} ({len(extra)} unexpected, {len(missing)} missing); "
                            "it was made for another model")
-    with torch.no_grad():
-        for key, param in ours.items():
-            if tensors[key].shape != param.shape:
-                raise AdapterError(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base "
-                                   f"needs {tuple(param.shape)}; it was made for another model")
-            param.copy_(tensors[key])
+    copy_checked(ours, tensors, file)
     if merge_weights:
         merge(model)
     return config

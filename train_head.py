@@ -25,7 +25,7 @@ import lora
 import phi2
 from head_adapter import HeadAdapter, HeadError, load_prompter, save_head
 from prompts import DataError, batch_order, collate, encode_pairs, read_pairs, split, write_atomic
-from train_sft import TrainingError, check_resumable, get_lr, load_state, save_state, trim_log
+from train_sft import TrainingError, check_resumable, get_lr, load_state, optimizer_step, save_state, trim_log
 
 
 @dataclass
@@ -203,15 +203,7 @@ def main(cfg: HeadConfig) -> dict:
                     loss = head.loss(h, t) / n_targets
                 loss.backward()
                 step_loss += loss.item()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip))
-            diverged = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
-            if not diverged:
-                optimizer.step()
-                diverged = not all(p.isfinite().all() for p in params.values())
-            if diverged:
-                raise TrainingError(f"training diverged at step {step + 1} (loss {step_loss:.4g}, gradient norm "
-                                    f"{grad_norm:.4g}); stopped, and the last good checkpoint is kept in {run}; "
-                                    "try a lower --lr")
+            optimizer_step(params, optimizer, step_loss, cfg, step, run)
             optimizer.zero_grad(set_to_none=True)
             step += 1
 

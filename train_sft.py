@@ -204,16 +204,7 @@ def main(cfg: TrainConfig) -> dict:
                     loss = loss / n_targets
                 loss.backward()
                 step_loss += loss.item()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip))
-            diverged = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
-            if not diverged:
-                optimizer.step()
-                diverged = not all(p.isfinite().all() for p in params.values())
-            if diverged:  # nothing is saved: the last checkpoint on disk stays the last good one
-                hint = "a lower --lr" + (" or --precision fp32" if cfg.precision == "bf16" else "")
-                raise TrainingError(f"training diverged at step {step + 1} (loss {step_loss:.4g}, gradient norm "
-                                    f"{grad_norm:.4g}); stopped, and the last good checkpoint is kept in {out}; "
-                                    f"try {hint}")
+            optimizer_step(params, optimizer, step_loss, cfg, step, out)
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
@@ -244,6 +235,20 @@ def main(cfg: TrainConfig) -> dict:
     if not (out / "best").exists():  # no validation set: the last adapter is the best we know
         lora.save_adapter(model, out / "best", base_path=base_dir.resolve(), base_fingerprint=base_fingerprint)
     return {"step": step, "best_val_loss": best_val, "model": model}
+
+
+def optimizer_step(params: dict, optimizer, step_loss: float, cfg, step: int, out: Path):
+    """Clip the gradients and step, unless the loss, the gradients or the updated weights are not finite:
+    then stop with TrainingError, saving nothing, so the last checkpoint on disk stays the last good one."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip))
+    diverged = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+    if not diverged:
+        optimizer.step()
+        diverged = not all(p.isfinite().all() for p in params.values())
+    if diverged:
+        hint = "a lower --lr" + (" or --precision fp32" if cfg.precision == "bf16" else "")
+        raise TrainingError(f"training diverged at step {step + 1} (loss {step_loss:.4g}, gradient norm "
+                            f"{grad_norm:.4g}); stopped, and the last good checkpoint is kept in {out}; try {hint}")
 
 
 def prepare_base(cfg: TrainConfig, pairs, out: Path) -> Path:
