@@ -127,7 +127,8 @@ def run(out: Path, base_steps=400, sft_epochs=3, head_epochs=10, max_new_tokens=
 
     print("\n== rewriting the held-out prompts with each head")
     rows = held_out()
-    argv = ["--lora", str(out / "sft" / "best"), *[a for s in STYLES for a in ("--head", str(out / f"{s}.safetensors"))],
+    heads = [a for s in STYLES for a in ("--head", str(out / f"{s}.safetensors"))]
+    argv = ["--lora", str(out / "sft" / "best"), *heads,
             "--max-new-tokens", str(max_new_tokens), "--dtype", "fp32", "--json", *[prompt for prompt, _ in rows]]
     with contextlib.redirect_stdout(io.StringIO()):
         records = run_cli("generate", generate, argv, quiet=True)

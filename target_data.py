@@ -116,20 +116,21 @@ class Client:
         except urllib.error.HTTPError as e:
             detail = self.redact(e.read(300).decode("utf-8", "replace").strip())
             if e.code in (401, 403):
-                raise TargetDataError(f"{self.url} refused the API key (HTTP {e.code}); check ${self.cfg.api_key_env}")
+                raise TargetDataError(f"{self.url} refused the API key (HTTP {e.code}); "
+                                      f"check ${self.cfg.api_key_env}") from None
             if e.code == 429 or e.code >= 500:
                 retry_after = e.headers.get("Retry-After")
                 raise _Retryable(f"HTTP {e.code} {detail[:120]}",
-                                 float(retry_after) if retry_after and retry_after.isdigit() else None)
-            raise RequestFailed(f"HTTP {e.code} {detail[:200]}")
+                                 float(retry_after) if retry_after and retry_after.isdigit() else None) from None
+            raise RequestFailed(f"HTTP {e.code} {detail[:200]}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            raise _Retryable(self.redact(f"{type(e).__name__}: {e}"))
+            raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
         except json.JSONDecodeError:
-            raise _Retryable("the response was not JSON")
+            raise _Retryable("the response was not JSON") from None
         try:
             text = payload["choices"][0]["message"]["content"].strip()
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise _Retryable("the response had no choices[0].message.content")
+            raise _Retryable("the response had no choices[0].message.content") from None
         if not text:
             raise _Retryable("the response was empty")
         return text

@@ -84,12 +84,13 @@ def main():
                 hf = transformers.PhiForCausalLM.from_pretrained(folder, dtype=dtype).eval()
                 bound_step = weight_bytes_per_step(ours) / bandwidth  # seconds per step if bandwidth-bound
 
-                def run_ours(ids, n):
-                    return lambda: generate(ours, ids.tolist(), n)
+                def run_ours(ids, n, model=ours):
+                    return lambda: generate(model, ids.tolist(), n)
 
-                def run_hf(ids, n):
+                def run_hf(ids, n, model=hf):
                     kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-                    return lambda: torch.inference_mode()(hf.generate)(ids, attention_mask=torch.ones_like(ids), **kw)
+                    mask = torch.ones_like(ids)
+                    return lambda: torch.inference_mode()(model.generate)(ids, attention_mask=mask, **kw)
 
                 for B in args.batches:
                     ids = torch.randint(0, config.vocab_size, (B, 64))

@@ -69,8 +69,9 @@ def main():
     for rank in (None, args.head_rank):
         name = "full head" if rank is None else f"rank-{rank} head"
         run = tmp / f"head-{rank}"
-        train_head.main(train_head.HeadConfig(target="bench", lora=str(tmp / "sft" / "best"), out=str(run / "h.safetensors"),
-                                              run_dir=str(run), epochs=3, head_rank=rank, save_interval=10**6, **common))
+        train_head.main(train_head.HeadConfig(target="bench", lora=str(tmp / "sft" / "best"), run_dir=str(run),
+                                              out=str(run / "h.safetensors"), epochs=3, head_rank=rank,
+                                              save_interval=10**6, **common))
         epochs = epoch_seconds(run / "metrics.jsonl")
         later = statistics.mean([epochs[1], epochs[2]])
         rows.append((name, epochs[0], later, (run / "h.safetensors").stat().st_size))

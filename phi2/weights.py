@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, Phi2Config
+from .config import Phi2Config
 from .model import Phi2
 
 # microsoft/phi-2 tensor names -> ours; {i} = layer index. No transposes, no q/k permutation.
@@ -237,7 +237,7 @@ def save_hf_checkpoint(model: Phi2, folder, max_shard_bytes: int | None = None) 
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_atomic(folder / fname, lambda p: save_file(shard, p, metadata={"format": "pt"}))
+        write_atomic(folder / fname, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
              "weight_map": weight_map}

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import generate
 import phi2
