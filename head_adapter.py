@@ -26,7 +26,7 @@ import lora
 import phi2
 from lora import LoRALinear
 from phi2.model import Linear, Phi2, linear_cross_entropy
-from phi2.weights import fingerprint
+from phi2.weights import atomic_path, fingerprint
 
 FORMAT = "phi2-prompter head adapter v1"
 
@@ -108,9 +108,8 @@ def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprin
         "head_rank": "full" if head.head_rank is None else str(head.head_rank),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(head.trained_tensors(), tmp, metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(head.trained_tensors(), tmp, metadata=metadata)
 
 
 def read_metadata(path) -> dict:

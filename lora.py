@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phi2.model import Dropout, Linear, Phi2
-from phi2.weights import fingerprint
+from phi2.weights import atomic_path, fingerprint
 from prompts import write_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
@@ -150,9 +150,8 @@ def save_adapter(model: Phi2, folder, base_path=None, base_fingerprint=None):
     metadata = {"format": "pt"}
     if base_fingerprint:
         metadata["phi2_base_fingerprint"] = base_fingerprint
-    tmp = folder / ".adapter_model.safetensors.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(folder / "adapter_model.safetensors")
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     config = adapter_config(model, str(base_path) if base_path else None)
     write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 

@@ -10,10 +10,11 @@ run sees the same batches.
 
 import csv
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from phi2.weights import atomic_path
 
 TEMPLATE = "System: Fix the following prompt. Prompt: {prompt}. Answer:"
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on these positions
@@ -221,7 +222,5 @@ def collate(examples, pad_id: int):
 
 def write_atomic(path, data: str | bytes):
     """Write a whole file through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import lora
 import phi2
-from phi2.weights import fingerprint
+from phi2.weights import atomic_path, fingerprint
 from prompts import (DEFAULT_DATA, IGNORE_INDEX, DataError, batch_order, collate, encode_pairs, format_answer,
                      format_prompt, read_pairs, split, write_atomic)
 
@@ -282,9 +282,8 @@ def save_state(path: Path, params: dict, optimizer, step: int, best_val: float, 
             tensors[f"adam.{key}.{n}"] = value.detach().reshape(-1).contiguous() if key == "step" else value
     tensors["rng.torch"] = torch.get_rng_state()
     metadata = {"step": str(step), "best_val": repr(best_val), "base_fingerprint": base_fingerprint}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_state(path: Path, params: dict, optimizer) -> tuple[int, float]:

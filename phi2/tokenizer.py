@@ -9,12 +9,13 @@ offline `tiny` model, which has no released tokenizer.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .weights import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -44,10 +45,8 @@ class Tokenizer:
 
     def save(self, folder):
         """Write tokenizer.json into folder (atomically)."""
-        path = Path(folder) / "tokenizer.json"
-        tmp = path.with_name(path.name + ".tmp")
-        self.tokenizer.save(str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(Path(folder) / "tokenizer.json") as tmp:
+            self.tokenizer.save(str(tmp))
 
 
 def pad(rows, pad_id, padding_side="left"):

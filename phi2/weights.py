@@ -10,6 +10,7 @@ Left out on purpose: pickled checkpoints (pytorch_model.bin are never unpickled)
 remote-code layouts (transformer.h.*, mixer.Wqkv), which are refused with a message.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,19 @@ _OLD_LAYOUT = ("transformer.h.", "transformer.embd.", ".mixer.", "layers.0.wte."
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded; the message names the file or tensor."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, renamed onto it when the block succeeds and removed if it fails:
+    a reader never sees a half-written file, and a crash leaves the previous version intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def hf_to_ours(n_layer: int) -> dict:
@@ -223,22 +237,17 @@ def save_hf_checkpoint(model: Phi2, folder, max_shard_bytes: int | None = None) 
         size += nbytes
     shards.append(current)
 
-    def write_atomic(path: Path, write):
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
-
     hf_config = model.config.to_hf_dict()
     hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
-    if len(shards) == 1:
-        write_atomic(folder / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_atomic(folder / fname, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
-        weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": weight_map}
-    write_atomic(folder / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        with atomic_path(folder / name) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
+        with atomic_path(folder / "model.safetensors.index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=2))

@@ -160,4 +160,18 @@ def test_saved_checkpoint_loads_in_transformers(tiny_cfg, tmp_path):
     hf = transformers.PhiForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.randint(0, tiny_cfg.vocab_size, (2, 11))
     assert (hf(x).logits - model(x)).abs().max() <= 1e-5
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from phi2.weights import atomic_path
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
