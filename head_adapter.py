@@ -58,16 +58,11 @@ class HeadAdapter(nn.Module):
     def forward(self, h):
         return self.lm_head(self.adapter(h))  # (..., V)
 
-    def head_weight(self):
-        """The head's effective weight (V, C)."""
-        if self.head_rank is None:
-            return self.lm_head.weight
-        update = (self.lm_head.lora_B @ self.lm_head.lora_A) * self.lm_head.scaling  # (V, C)
-        return self.lm_head.weight + update.to(self.lm_head.weight.dtype)
-
     def loss(self, h, targets):
         """Summed cross-entropy of this head's logits for h (N, C) against targets (N,)."""
-        return linear_cross_entropy(self.adapter(h), self.head_weight(), self.lm_head.bias, targets)
+        head = self.lm_head
+        low_rank = None if self.head_rank is None else (head.lora_A, head.lora_B, head.scaling)
+        return linear_cross_entropy(self.adapter(h), head.weight, head.bias, targets, low_rank)
 
     def trained_tensors(self) -> dict:
         """The tensors a head file stores: the adapter, and the head copy or its low-rank update."""

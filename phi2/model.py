@@ -91,56 +91,84 @@ class Dropout(nn.Dropout):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b, t_i) for h (N, C), without keeping the (N, V) logits.
+    """sum_i CE(h_i W^T + b + s (h_i A^T) B^T, t_i) for h (N, C), without keeping the (N, V) logits.
 
     The gradient of the loss with respect to the logits is softmax - onehot, so each chunk of rows gets
     its gradients for h, W and b right in the forward pass, while its logits are at hand (the idea of
     Liger-Kernel's fused linear cross-entropy); backward only scales them. Matmuls run in `dtype` (bf16
     under autocast) and the softmax in fp32, as the plain autocast path does; a chunk of about 4M logits
     stays in cache, which makes this about twice as fast as materialising them (bench/train_step.py).
+    The optional rank-r update s B A of the weight (a low-rank head, head_adapter.py) stays factorised:
+    its terms cost N V r multiplies where the (V, C) product B A would cost V C r and a dW GEMM N V C.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, dtype):
+    def forward(ctx, h, weight, bias, targets, dtype, lora_A=None, lora_B=None, scaling=1.0):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        low_rank = lora_A is not None
+        need_ab = low_rank and any(ctx.needs_input_grad[5:7])
         N, V = h.size(0), weight.size(0)
         W, b = weight.to(dtype), bias.to(dtype)
         grad_h = torch.empty_like(h) if need_h else None
         grad_logits = torch.empty(N, V, dtype=dtype, device=h.device) if need_w else None  # for one dW GEMM
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grad_u = grad_A = grad_B = None
+        if low_rank:
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, C), (V, r)
+            u = F.linear(h.to(dtype), A) * scaling  # (N, r): the rank-r path's input to B
+            grad_u = torch.empty_like(u) if need_ab or need_h else None  # dloss/du (N, r)
+            grad_B = torch.zeros_like(lora_B, dtype=torch.float32) if need_ab else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         chunk = max(1, 2**22 // V)
         for start in range(0, N, chunk):
-            hc, t = h[start:start + chunk].to(dtype), targets[start:start + chunk]
-            logp = F.linear(hc, W, b).float().log_softmax(dim=-1)  # (n, V)
+            rows = slice(start, start + chunk)
+            hc, t = h[rows].to(dtype), targets[rows]
+            logits = F.linear(hc, W, b)  # (n, V)
+            if low_rank:
+                logits.addmm_(u[rows], B.t())
+            logp = logits.float().log_softmax(dim=-1)
             total -= logp.gather(1, t[:, None]).sum()
-            if need_h or need_w or need_b:
+            if need_h or need_w or need_b or need_ab:
                 g = logp.exp_()  # softmax, in place
                 g[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot: dloss/dlogits (n, V)
                 if need_b:
                     grad_b += g.sum(dim=0)
                 g = g.to(dtype)
                 if need_h:
-                    grad_h[start:start + chunk] = g @ W  # (n, C)
+                    grad_h[rows] = g @ W  # (n, C)
                 if need_w:
-                    grad_logits[start:start + chunk] = g
+                    grad_logits[rows] = g
+                if grad_u is not None:
+                    grad_u[rows] = g @ B  # (n, r)
+                    if need_ab:
+                        grad_B += (g.t() @ u[rows]).float()  # (V, r), summed over chunks in fp32
         # one (V, N) @ (N, C) product: per chunk, the (V, C) gradient would be read and written each time
         grad_w = (grad_logits.t() @ h.to(dtype)).to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        if grad_u is not None:
+            grad_u = grad_u * scaling  # through u = s h A^T
+            if need_h:
+                grad_h += (grad_u @ A).to(h.dtype)
+            if need_ab:
+                grad_A = (grad_u.t() @ h.to(dtype)).to(lora_A.dtype)  # (r, C)
+                grad_B = grad_B.to(lora_B.dtype)
+        ctx.grads = grad_h, grad_w, grad_b, grad_A, grad_B  # made here, not inputs: no need to save them
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = [None if g is None else g * grad_out for g in ctx.saved_tensors]
-        return (*grads, None, None)
+        # scaled in place and handed over (a full head's gradient is 131M numbers): backward runs once
+        grads, ctx.grads = ctx.grads, None
+        gh, gw, gb, ga, gB = [None if g is None else g.mul_(grad_out) for g in grads]
+        return gh, gw, gb, None, None, ga, gB, None
 
 
-def linear_cross_entropy(h, weight, bias, targets):
-    """Summed cross-entropy of the logits h @ weight.T + bias (N, V) against targets (N,)."""
+def linear_cross_entropy(h, weight, bias, targets, low_rank=None):
+    """Summed cross-entropy of the logits h @ weight.T + bias (N, V) against targets (N,).
+    low_rank: optional (A (r, C), B (V, r), s), adding s * (h @ A.T) @ B.T to the logits."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return LinearCrossEntropy.apply(h, weight, bias, targets, dtype)
+    return LinearCrossEntropy.apply(h, weight, bias, targets, dtype, *(low_rank or ()))
 
 
 class Attention(nn.Module):

@@ -166,6 +166,33 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(autocast)
         torch.testing.assert_close(a, r, atol=tol * r.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_with_a_low_rank_update_matches_the_materialised_weight(autocast):
+    from phi2.model import linear_cross_entropy
+    N, C, V, r, s = 200, 32, 70_000, 4, 2.0
+    h0, t = torch.randn(N, C), torch.randint(0, V, (N,))
+    W0, b0 = torch.randn(V, C) * 0.1, torch.randn(V) * 0.1
+    A0, B0 = torch.randn(r, C) * 0.1, torch.randn(V, r) * 0.1
+
+    def run(fn, frozen_head):
+        h, W, b, A, B = (x.clone().requires_grad_() for x in (h0, W0, b0, A0, B0))
+        W.requires_grad_(not frozen_head)
+        b.requires_grad_(not frozen_head)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(h, W, b, A, B)
+        loss.backward()
+        return [loss] + [x.grad for x in (h, W, b, A, B) if x.requires_grad]
+
+    for frozen_head in (True, False):
+        ours = run(lambda h, W, b, A, B: linear_cross_entropy(h, W, b, t, (A, B, s)), frozen_head)
+        ref = run(lambda h, W, b, A, B: F.cross_entropy(F.linear(h, W + s * B @ A, b).float(), t, reduction="sum"),
+                  frozen_head)
+        tol = 2e-2 if autocast else 1e-4
+        assert len(ours) == len(ref) == (4 if frozen_head else 6)
+        for a, r_ in zip(ours, ref):
+            torch.testing.assert_close(a, r_, atol=tol * r_.abs().max().item(), rtol=0)
+
+
 def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
     model = phi2.build_model(tiny_cfg).eval()
     x = _tokens(tiny_cfg, B=2, T=12)
