@@ -171,7 +171,10 @@ def linear_cross_entropy(h, weight, bias, targets, low_rank=None):
     low_rank: optional (A (r, C), B (V, r), s), adding s * (h @ A.T) @ B.T to the logits."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return LinearCrossEntropy.apply(h, weight, bias, targets, dtype, *(low_rank or ()))
+    inputs = (h, weight, bias, targets, *(low_rank or ()))
+    if not torch.is_grad_enabled():  # validation: needs_input_grad ignores no_grad, so no gradient work
+        inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+    return LinearCrossEntropy.apply(*inputs[:4], dtype, *inputs[4:])
 
 
 class Attention(nn.Module):

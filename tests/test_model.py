@@ -193,6 +193,28 @@ def test_linear_cross_entropy_with_a_low_rank_update_matches_the_materialised_we
             torch.testing.assert_close(a, r_, atol=tol * r_.abs().max().item(), rtol=0)
 
 
+def test_linear_cross_entropy_does_no_gradient_work_under_no_grad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from phi2.model import linear_cross_entropy
+
+    class CountOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    h, W, b = torch.randn(50, 16), torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)
+    t = torch.randint(0, 1000, (50,))
+    counts = []
+    for weight, bias in ((W, b), (W.detach(), b.detach())):  # trainable head under no_grad; a frozen one
+        with torch.no_grad(), CountOps() as ops:
+            loss = linear_cross_entropy(h, weight, bias, t)
+        counts.append((ops.n, loss.item()))
+    assert counts[0] == counts[1]
+
+
 def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
     model = phi2.build_model(tiny_cfg).eval()
     x = _tokens(tiny_cfg, B=2, T=12)
