@@ -24,8 +24,9 @@ from tqdm import tqdm
 import lora
 import phi2
 from head_adapter import HeadAdapter, HeadError, load_prompter, save_head
-from prompts import DataError, batch_order, collate, encode_pairs, read_pairs, split, write_atomic
-from train_sft import TrainingError, check_resumable, get_lr, load_state, optimizer_step, save_state, trim_log
+from prompts import DataError, collate, read_pairs, write_atomic
+from train_sft import (TrainingError, check_resumable, encode_split, load_state, optimizer_step, save_state,
+                       step_plan, trim_log)
 
 
 @dataclass
@@ -111,14 +112,7 @@ def main(cfg: HeadConfig) -> dict:
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.target_field)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, dtype)
-    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
-    train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
-    val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
-    if dropped + dropped_val:
-        print(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}",
-              file=sys.stderr)
-    if not train:
-        raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    train, val = encode_split(tokenizer, pairs, cfg)
 
     # the head adapter: fp32 master weights, AdamW over them only
     head = HeadAdapter(model.lm_head, cfg.head_rank, dtype=torch.float32)
@@ -186,10 +180,7 @@ def main(cfg: HeadConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr)
     try:
         while step < total_steps:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
-            micro_batches = order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-            lr = get_lr(step, cfg, total_steps)
+            epoch, micro_batches, lr = step_plan(step, cfg, lengths, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 

@@ -114,6 +114,28 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def encode_split(tokenizer, pairs, cfg) -> tuple[list, list]:
+    """The seeded train/validation split, tokenized; says how many examples --max-len dropped, and stops
+    if none is left to train on."""
+    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
+    train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
+    val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
+    if dropped + dropped_val:
+        print(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}",
+              file=sys.stderr)
+    if not train:
+        raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    return train, val
+
+
+def step_plan(step: int, cfg, lengths: list[int], steps_per_epoch: int, total_steps: int):
+    """(epoch, micro-batches as lists of example indices, learning rate) of optimizer step `step`: a function
+    of the step alone, which is what lets --resume see the batches an uninterrupted run would."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+    return epoch, order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], get_lr(step, cfg, total_steps)
+
+
 def main(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -129,14 +151,7 @@ def main(cfg: TrainConfig) -> dict:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     model = phi2.load_model(base_dir, dtype=dtype)
     tokenizer = phi2.load_tokenizer(base_dir)
-    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
-    train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
-    val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
-    if dropped + dropped_val:
-        print(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}",
-              file=sys.stderr)
-    if not train:
-        raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    train, val = encode_split(tokenizer, pairs, cfg)
 
     # model: LoRA on the frozen base, AdamW over the LoRA parameters only
     base_fingerprint = fingerprint(model)
@@ -186,10 +201,7 @@ def main(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr)
     try:
         while step < total_steps:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
-            micro_batches = order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-            lr = get_lr(step, cfg, total_steps)
+            epoch, micro_batches, lr = step_plan(step, cfg, lengths, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
