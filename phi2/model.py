@@ -102,11 +102,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     The gradient of the loss with respect to the logits is softmax - onehot, so each chunk of rows gets
     its gradients for h, W and b right in the forward pass, while its logits are at hand (the idea of
     Liger-Kernel's fused linear cross-entropy); backward only scales them. Matmuls run in `dtype` (bf16
-    under autocast) and the softmax in fp32, as the plain autocast path does; a chunk of about 4M logits
-    stays in cache, which makes this about twice as fast as materialising them (bench/train_step.py).
-    Each chunk reads the whole weight, though, so a chunk also has at least C/4 rows: Phi-2's 2560-wide
-    head (262 MB in bf16) does not stay in cache, reading it is what costs, and 640-row chunks take a third
-    less time than 81-row ones.
+    under autocast) and the softmax in fp32, as the plain autocast path does.
+    Each chunk reads the whole weight, so a chunk has at least C/4 rows: Phi-2's 2560-wide head (262 MB in
+    bf16) does not stay in cache, reading it is what costs, and 640-row chunks take a third less time than
+    81-row ones. The fp32 softmax then goes through the chunk's logits a few rows at a time, so that its
+    temporaries stay in cache, and writes the gradient over the logits: no (n, V) fp32 tensor is ever made.
     The optional rank-r update s B A of the weight (a low-rank head, head_adapter.py) stays factorised:
     its terms cost N V r multiplies where the (V, C) product B A would cost V C r and a dW GEMM N V C.
     """
@@ -116,10 +116,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         low_rank = lora_A is not None
         need_ab = low_rank and any(ctx.needs_input_grad[5:7])
+        need_grad = need_h or need_w or need_b or need_ab
         N, V = h.size(0), weight.size(0)
+        chunk = max(2**22 // V, h.size(1) // 4)  # rows: see the docstring
         W, b = weight.to(dtype), bias.to(dtype)
+        # the logits, then dloss/dlogits in their place: all N rows when a dW GEMM needs them, else one chunk's
+        logits_all = torch.empty(N if need_w else min(N, chunk), V, dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_logits = torch.empty(N, V, dtype=dtype, device=h.device) if need_w else None  # for one dW GEMM
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         grad_u = grad_A = grad_B = None
         if low_rank:
@@ -128,31 +131,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_u = torch.empty_like(u) if need_ab or need_h else None  # dloss/du (N, r)
             grad_B = torch.zeros_like(lora_B, dtype=torch.float32) if need_ab else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        chunk = max(2**22 // V, h.size(1) // 4)  # rows: see the docstring
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             hc, t = h[rows].to(dtype), targets[rows]
-            logits = F.linear(hc, W, b)  # (n, V)
+            logits = logits_all[rows] if need_w else logits_all[: len(t)]  # (n, V)
+            torch.addmm(b, hc, W.t(), out=logits)
             if low_rank:
                 logits.addmm_(u[rows], B.t())
-            logp = logits.float().log_softmax(dim=-1)
-            total -= logp.gather(1, t[:, None]).sum()
-            if need_h or need_w or need_b or need_ab:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(len(t), device=t.device), t] -= 1.0  # minus onehot: dloss/dlogits (n, V)
-                if need_b:
-                    grad_b += g.sum(dim=0)
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[rows] = g @ W  # (n, C)
-                if need_w:
-                    grad_logits[rows] = g
-                if grad_u is not None:
-                    grad_u[rows] = g @ B  # (n, r)
-                    if need_ab:
-                        grad_B += (g.t() @ u[rows]).float()  # (V, r), summed over chunks in fp32
+            total += softmax_cross_entropy_(logits, t, need_grad, grad_b)  # logits now hold dloss/dlogits
+            if need_h:
+                grad_h[rows] = logits @ W  # (n, C)
+            if grad_u is not None:
+                grad_u[rows] = logits @ B  # (n, r)
+                if need_ab:
+                    grad_B += logits.t() @ u[rows]  # (V, r), summed over chunks in fp32
         # one (V, N) @ (N, C) product: per chunk, the (V, C) gradient would be read and written each time
-        grad_w = (grad_logits.t() @ h.to(dtype)).to(weight.dtype) if need_w else None
+        grad_w = (logits_all.t() @ h.to(dtype)).to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
         if grad_u is not None:
             grad_u = grad_u * scaling  # through u = s h A^T
@@ -170,6 +164,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         gh, gw, gb, ga, gB = [None if g is None else g.mul_(grad_out) for g in grads]
         return gh, gw, gb, None, None, ga, gB, None
+
+
+def softmax_cross_entropy_(logits, targets, grad: bool, grad_bias=None):
+    """sum_i -log softmax(logits_i)[t_i] in fp32 for logits (n, V) and targets (n,). With grad, logits is
+    overwritten with the loss's gradient softmax - onehot, whose column sums are added to grad_bias if given.
+    A few rows at a time: 2 MB of fp32 stays in cache through the softmax's passes."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    step = max(1, 2**19 // logits.size(1))  # rows
+    for i in range(0, logits.size(0), step):
+        z, t = logits[i:i + step], targets[i:i + step]
+        logp = z.float().log_softmax(dim=-1)  # (k, V)
+        total -= logp.gather(1, t[:, None]).sum()
+        if grad:
+            g = logp.exp_()  # softmax, in place
+            g[torch.arange(len(t), device=t.device), t] -= 1.0
+            if grad_bias is not None:
+                grad_bias += g.sum(dim=0)
+            z.copy_(g)
+    return total
 
 
 def linear_cross_entropy(h, weight, bias, targets, low_rank=None):
