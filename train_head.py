@@ -198,7 +198,8 @@ def main(cfg: HeadConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "seconds": time.perf_counter() - t0}
+            record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "seconds": time.perf_counter() - t0,
+                      "targets": n_targets}
             if val and (step % cfg.eval_interval == 0 or step == total_steps):
                 record["val_loss"] = evaluate()
                 if record["val_loss"] < best_val:

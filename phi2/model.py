@@ -145,8 +145,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_u[rows] = logits @ B  # (n, r)
                 if need_ab:
                     grad_B += logits.t() @ u[rows]  # (V, r), summed over chunks in fp32
-        # one (V, N) @ (N, C) product: per chunk, the (V, C) gradient would be read and written each time
-        grad_w = (logits_all.t() @ h.to(dtype)).to(weight.dtype) if need_w else None
+        grad_w = None
+        if need_w:  # over all N rows at once (per chunk of rows, the (V, C) gradient would be read and written
+            # each time), a few thousand vocabulary rows at a time, each cast to the weight's dtype while small
+            grad_w, hd, step = torch.empty_like(weight), h.to(dtype), max(1, 2**23 // h.size(1))
+            for v in range(0, V, step):
+                grad_w[v:v + step] = logits_all[:, v:v + step].t() @ hd  # (step, C)
         grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
         if grad_u is not None:
             grad_u = grad_u * scaling  # through u = s h A^T
