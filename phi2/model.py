@@ -146,9 +146,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_ab:
                     grad_B += logits.t() @ u[rows]  # (V, r), summed over chunks in fp32
         grad_w = None
-        if need_w:  # over all N rows at once (per chunk of rows, the (V, C) gradient would be read and written
-            # each time), a few thousand vocabulary rows at a time, each cast to the weight's dtype while small
-            grad_w, hd, step = torch.empty_like(weight), h.to(dtype), max(1, 2**23 // h.size(1))
+        if need_w:
+            # all N rows in one product, not one per chunk (each would read and write the whole (V, C) gradient),
+            # made a few thousand vocabulary rows at a time and cast to the weight's dtype slice by slice
+            grad_w, hd = torch.empty_like(weight), h.to(dtype)
+            step = max(1, 2**23 // h.size(1))  # vocabulary rows: 8M numbers
             for v in range(0, V, step):
                 grad_w[v:v + step] = logits_all[:, v:v + step].t() @ hd  # (step, C)
         grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
