@@ -72,6 +72,25 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_weight_after_the_optimizer_step_stops_training(bad, tmp_path):
+    w = torch.nn.Parameter(torch.full((1000,), 1e20))  # large but finite: not a divergence by itself
+    w.grad = torch.zeros_like(w)
+    cfg = train_sft.TrainConfig(grad_clip=1.0)
+
+    class Optimizer:
+        def __init__(self, value):
+            self.value = value
+
+        def step(self):
+            with torch.no_grad():
+                w[417] = self.value
+
+    train_sft.optimizer_step({"w": w}, Optimizer(1.0), 0.5, cfg, 0, tmp_path)  # finite: goes through
+    with pytest.raises(train_sft.TrainingError, match="training diverged at step 1"):
+        train_sft.optimizer_step({"w": w}, Optimizer(bad), 0.5, cfg, 0, tmp_path)
+
+
 def test_refusals(data, tmp_path):
     with pytest.raises(train_sft.TrainingError, match="use --model tiny to run offline"):
         train_sft.main(config(data, tmp_path / "x", model=str(tmp_path / "no-phi2")))
