@@ -64,7 +64,8 @@ def main():
     p.add_argument("--head-rank", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(2)
-    tmp = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # checkpoints and runs, gigabytes: removed when main() ends
+    tmp = Path(scratch.name)
     base = tmp / "base"
     import transformers
     transformers.logging.set_verbosity_error()

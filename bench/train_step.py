@@ -129,7 +129,8 @@ def main():
         return worker(impl, folder, batch_file, checkpointing == "1", int(steps))
 
     from safetensors.torch import save_file
-    tmp = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # checkpoints and runs, gigabytes: removed when main() ends
+    tmp = Path(scratch.name)
     ids, labels = make_batch(4, 256)
     save_file({"input_ids": ids, "labels": labels}, tmp / "batch.safetensors")
     print(f"batch 4 x 256 of real pairs: {int((labels[:, 1:] != IGNORE_INDEX).sum())} of {ids.numel() - 4} "
