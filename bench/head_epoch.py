@@ -95,7 +95,8 @@ def main():
         epochs = epoch_seconds(run / "metrics.jsonl")
         later = statistics.mean([epochs[1], epochs[2]])
         rows.append((name, epochs[0], later, (run / "h.safetensors").stat().st_size))
-    floor = head_products_seconds(run / "metrics.jsonl", 1, config.n_embd, config.vocab_size)
+    # both runs took the same steps (same data, order and batches): any run's log gives the rows per step
+    floor = head_products_seconds(tmp / "head-None" / "metrics.jsonl", 1, config.n_embd, config.vocab_size)
 
     print(f"\n{len(short)} pairs, batch 4, max_len {args.max_len}; stage-1 epoch (LoRA rank 32): {stage1:.1f} s\n")
     print("| head | epoch 1 (body + head) | later epochs (cached) | later / stage-1 epoch | head file (fp32) |")
