@@ -9,24 +9,23 @@ a progress bar; --json prints one object per line. --out FILE writes the results
 in FILE.partial as they come so that a stopped run resumes where it was.
 """
 
-import argparse
+import dataclasses
 import json
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-import lora
-import phi2
-from head_adapter import HeadError, load_head, load_prompter
+import cli
+import hardware
+from head_adapter import load_head, load_prompter
+from phi2.errors import UsageError
+from phi2.files import write_atomic
 from phi2.generation import generate
-from prompts import DataError, format_prompt, read_prompts, write_atomic
+from prompts import format_prompt, read_prompts
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WINDOW = 8  # batches per window: prompts are sorted by length within a window, results leave in order
 
 
@@ -45,18 +44,15 @@ class GenerateConfig:
     top_p: float | None = None
     seed: int | None = None
     batch_size: int = 8
-    dtype: str = "bf16"
+    device: str = "auto"
+    precision: str = "auto"
     stop: list[str] = dataclasses.field(default_factory=list)
     json: bool = False
     out: str | None = None
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its inputs; printed as one line."""
-
-
 def parse_args(argv=None) -> GenerateConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].split(":")[0])
+    p = cli.parser(__doc__)
     p.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
     p.add_argument("--file", help=".txt (one prompt per line), or .jsonl/.json/.csv records")
     p.add_argument("--field", default="prompt", help="the prompt's field in --file records")
@@ -66,17 +62,20 @@ def parse_args(argv=None) -> GenerateConfig:
     p.add_argument("--head", dest="heads", action="append", default=[],
                    help="a stage-2 head file (repeatable: one rewrite per head)")
     p.add_argument("--raw", action="store_true", help="no template: continue the text as it is")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=cli.positive_int, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=cli.positive_float, help="sample among the likeliest tokens holding this mass")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts decoded together")
+    cli.add_hardware_args(p)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--out", help="write results to this file (resumes from FILE.partial)")
-    return GenerateConfig(**vars(p.parse_args(argv)))
+    cfg = GenerateConfig(**vars(p.parse_args(argv)))
+    if any(not s for s in cfg.stop):
+        raise UsageError("--stop '' would stop before the first token; give a non-empty stop string")
+    return cfg
 
 
 def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
@@ -99,11 +98,13 @@ def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
 
 def load(cfg: GenerateConfig):
     """The model (with the stage-1 adapter merged), its tokenizer, and [(target, head)] to generate with."""
-    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, DTYPES[cfg.dtype])
+    hw = hardware.resolve(cfg.device, cfg.precision)
+    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, hw.dtype, hw.device)
     heads = [(h.target, h) for h in (load_head(f, model, base_fingerprint, stage1) for f in cfg.heads)]
     names = [target for target, _ in heads]
     if len(set(names)) < len(names):
         raise UsageError(f"two heads are for the same target ({', '.join(names)}); give one head per target")
+    print(hw.describe(), file=sys.stderr)
     return model, tokenizer, heads or [(None, None)]
 
 
@@ -226,10 +227,5 @@ def _warn(message):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (UsageError, DataError, HeadError, lora.AdapterError, phi2.ConfigError, phi2.CheckpointError,
-            FileNotFoundError) as e:
-        sys.exit(f"generate.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("generate.py: interrupted" + (" (rerun the same command to resume)" if "--out" in sys.argv else ""))
+    cli.run("generate.py", main, parse_args,
+            on_interrupt="; rerun the same command to resume" if "--out" in sys.argv else "")

@@ -5,8 +5,8 @@
 
 Only the adapter and the head copy are trained, on pairs the target LLM itself improved ("Designing
 Universal Prompts for LLM"); at initialisation the logits are bit-identical to the base model's. A head
-attaches to and detaches from a loaded model (or goes to generate() per call), so one process serves
-several targets. The file holds only the head's tensors and metadata: the target's name, the base's
+composes with the model from outside, `head(model.hidden_states(x))`, and goes to generate() per call,
+so one loaded model serves several targets. The file holds only the head's tensors and metadata: the target's name, the base's
 config and weight fingerprint, the stage-1 adapter it was trained on, the sizes. `head_rank` swaps the
 full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of the frozen base head, which
 is what makes a file small (README: "Head files"). Left out: per-target tokenizers or vocabularies.
@@ -25,13 +25,16 @@ from safetensors.torch import save_file
 import lora
 import phi2
 from lora import LoRALinear
-from phi2.model import Linear, Phi2, linear_cross_entropy
-from phi2.weights import atomic_path, fingerprint
+from phi2.errors import UsageError
+from phi2.files import atomic_path
+from phi2.fused import Linear, linear_cross_entropy
+from phi2.model import Phi2
+from phi2.weights import fingerprint
 
 FORMAT = "phi2-prompter head adapter v1"
 
 
-class HeadError(ValueError):
+class HeadError(UsageError):
     """A head file that is not a head, or not for this base; the message names the file and the reason."""
 
 
@@ -42,7 +45,7 @@ class HeadAdapter(nn.Module):
         device = lm_head.weight.device
         self.adapter = Linear(C, C, device=device, dtype=dtype)
         with torch.no_grad():
-            self.adapter.weight.copy_(torch.eye(C))
+            self.adapter.weight.copy_(torch.eye(C, device=device))
             self.adapter.bias.zero_()
         self.head_rank = head_rank
         if head_rank is None:  # the papers' choice: a full trainable copy of the LM head
@@ -69,15 +72,6 @@ class HeadAdapter(nn.Module):
         head = ["lm_head.weight", "lm_head.bias"] if self.head_rank is None else ["lm_head.lora_A", "lm_head.lora_B"]
         params = dict(self.named_parameters())
         return {f"head_adapter.{n}": params[n].detach().contiguous() for n in ["adapter.weight", "adapter.bias", *head]}
-
-
-def attach(model: Phi2, head: HeadAdapter):
-    """Use head in place of the model's lm_head (model(x) and model.loss then go through it)."""
-    model.head_adapter = head
-
-
-def detach(model: Phi2):
-    model.head_adapter = None
 
 
 def stage1_id(adapter_folder) -> str:
@@ -157,11 +151,11 @@ def base_folder(model_dir, lora_dir) -> Path:
     return folder
 
 
-def load_prompter(model_dir, lora_dir, dtype):
+def load_prompter(model_dir, lora_dir, dtype, device="cpu"):
     """The base with the stage-1 adapter merged in (frozen, eval mode), its tokenizer, the base's
     fingerprint (taken before the merge) and the stage-1 adapter's identity: what heads are checked against."""
     folder = base_folder(model_dir, lora_dir)
-    model = phi2.load_model(folder, dtype=dtype)
+    model = phi2.load_model(folder, dtype=dtype, device=device)
     base_fingerprint = fingerprint(model)
     if lora_dir:
         lora.load_adapter(model, lora_dir, merge_weights=True)

@@ -21,15 +21,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from phi2.model import Dropout, Linear, Phi2
-from phi2.weights import atomic_path, fingerprint
-from prompts import write_atomic
+from phi2.errors import UsageError
+from phi2.files import atomic_path, write_atomic
+from phi2.fused import Dropout, Linear, autocast_dtype
+from phi2.model import Phi2
+from phi2.weights import fingerprint
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")  # the papers': attention and MLP
 PEFT_PREFIX = "base_model.model.model."  # peft's name for our `layers.*` (PeftModel > PhiForCausalLM > PhiModel)
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter file that does not fit this base model; the message names the file and the reason."""
 
 
@@ -54,7 +56,7 @@ class LoRALinear(Linear):
         y = super().forward(x)
         if self.merged:
             return y
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
+        if not autocast_dtype(x):  # under autocast the matmuls pick the dtype
             x = x.to(self.lora_A.dtype)
         x = self.lora_dropout(x)  # dropout on the LoRA path only
         # scale the rank-r intermediate rather than the output: the same product, far fewer multiplies;
@@ -84,17 +86,17 @@ def lora_modules(model: Phi2) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject(model: Phi2, rank=32, alpha=64.0, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False) -> Phi2:
-    """Replace every Linear whose leaf name is in targets by a LoRALinear; freeze everything else."""
-    unknown = set(targets) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+def inject(model: Phi2, rank=32, alpha=64.0, dropout=0.0, modules=DEFAULT_MODULES, rslora=False) -> Phi2:
+    """Replace every Linear whose leaf name is in modules by a LoRALinear; freeze everything else."""
+    unknown = set(modules) - {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if unknown:
-        raise AdapterError(f"no module named {sorted(unknown)} in Phi-2; targets are among q_proj, k_proj, "
+        raise AdapterError(f"no module named {sorted(unknown)} in Phi-2; LoRA modules are among q_proj, k_proj, "
                            "v_proj, dense, fc1, fc2")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):
         parent, _, leaf = name.rpartition(".")
-        if leaf in targets and isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
+        if leaf in modules and isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
             wrapped = LoRALinear(module, rank, alpha, dropout, rslora)
             setattr(model.get_submodule(parent), leaf, wrapped)
     return model

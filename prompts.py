@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi2.weights import atomic_path
+from phi2.errors import UsageError
 
 TEMPLATE = "System: Fix the following prompt. Prompt: {prompt}. Answer:"
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: no loss on these positions
@@ -22,7 +22,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_DATA = DATA_DIR / "prompt_pairs.jsonl"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad input data; the message starts with file:line."""
 
 
@@ -42,8 +42,15 @@ def format_answer(improved: str) -> str:
 def read_records(path) -> list[tuple[int, dict]]:
     """(line number, record) for each object in a .jsonl, .json (a list of objects) or .csv file."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: no such file")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+
+
+def _read_records(path: Path) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
@@ -113,16 +120,16 @@ def _skip_ws(text, pos):
 @dataclass
 class Pair:
     prompt: str
-    target: str
+    improved: str
     source: str  # file:line, for messages
 
 
-def read_pairs(path, prompt_field="prompt", target_field="improved") -> list[Pair]:
+def read_pairs(path, prompt_field="prompt", improved_field="improved") -> list[Pair]:
     """(prompt, improved prompt) pairs; a missing or empty field stops with file:line."""
     pairs = []
     for line, record in read_records(path):
         values = []
-        for field, flag in ((prompt_field, "--prompt-field"), (target_field, "--target-field")):
+        for field, flag in ((prompt_field, "--prompt-field"), (improved_field, "--improved-field")):
             if field not in record:
                 raise DataError(f"{path}:{line}: no field {field!r} (fields: {', '.join(record)}); "
                                 f"name the right one with {flag}")
@@ -141,9 +148,12 @@ def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
     Empty prompts are errors, except blank lines in a .txt file, which are skipped."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.exists():
+        if not path.is_file():
             raise DataError(f"{path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
         return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     prompts = []
     for line, record in read_records(path):
@@ -164,16 +174,16 @@ class Example:
     labels: list[int]  # IGNORE_INDEX on the prompt part; the answer tokens and EOS otherwise
 
 
-def encode_pair(tokenizer, prompt: str, target: str) -> Example:
+def encode_pair(tokenizer, prompt: str, improved: str) -> Example:
     """Template, tokens and labels for one pair: the loss falls on the answer and its EOS only."""
     context = tokenizer.encode(format_prompt(prompt))
-    answer = tokenizer.encode(format_answer(target)) + [tokenizer.eos_id]
+    answer = tokenizer.encode(format_answer(improved)) + [tokenizer.eos_id]
     return Example(context + answer, [IGNORE_INDEX] * len(context) + answer)
 
 
 def encode_pairs(tokenizer, pairs, max_len: int) -> tuple[list[Example], int]:
     """Examples for the pairs that fit in max_len tokens, and how many were dropped."""
-    examples = [encode_pair(tokenizer, p.prompt, p.target) for p in pairs]
+    examples = [encode_pair(tokenizer, p.prompt, p.improved) for p in pairs]
     kept = [e for e in examples if len(e.input_ids) <= max_len]
     return kept, len(examples) - len(kept)
 
@@ -215,12 +225,3 @@ def collate(examples, pad_id: int):
         input_ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, :len(e.labels)] = torch.tensor(e.labels)
     return input_ids, labels
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def write_atomic(path, data: str | bytes):
-    """Write a whole file through a temporary file and a rename: never half-written."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)

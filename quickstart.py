@@ -13,38 +13,39 @@ It shows the mechanism (each head pulls the rewrites towards its target's style)
 million parameters; the real use is Phi-2 with pairs collected from real target LLMs (target_data.py).
 """
 
-import argparse
 import contextlib
 import io
 import math
 import os
 import shutil
 import statistics
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import torch
 
+import cli
 import generate
+import hardware
 import phi2
 import train_head
 import train_sft
+from hardware import to_device
 from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, format_prompt, read_pairs, split
 
 STYLES = ("concise", "structured")
 MARKER = ".quickstart"  # a folder holding this file is ours to replace
 
 
-def make_base(folder: Path, steps: int, seed: int = 0):
+def make_base(folder: Path, steps: int, hw: hardware.Hardware, seed: int = 0):
     """Stage 0 (demo only): a tiny Phi-2 with a tokenizer of its own, trained briefly on the stage-1 pairs."""
     pairs = read_pairs(DEFAULT_DATA)
     styles = [p for s in STYLES for p in read_pairs(DATA_DIR / "targets" / f"{s}.jsonl")]
-    texts = [format_prompt(p.prompt) + format_answer(p.target) for p in pairs]
+    texts = [format_prompt(p.prompt) + format_answer(p.improved) for p in pairs]
     config = phi2.PRESETS["tiny"]
-    tokenizer = phi2.train_tokenizer(texts + [format_answer(p.target) for p in styles], config.vocab_size)
-    model = phi2.build_model(config, seed=seed).train()
+    tokenizer = phi2.train_tokenizer(texts + [format_answer(p.improved) for p in styles], config.vocab_size)
+    model = phi2.build_model(config, seed=seed).to(hw.device).train()
     corpus = [Example(ids, ids) for ids in (tokenizer.encode(t) + [tokenizer.eos_id] for t in texts)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
     generator = torch.Generator().manual_seed(seed)
@@ -54,14 +55,14 @@ def make_base(folder: Path, steps: int, seed: int = 0):
             group["lr"] = lr
         idx = torch.randint(0, len(corpus), (16,), generator=generator).tolist()
         ids, labels = collate([corpus[i] for i in idx], tokenizer.pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, n = model.loss(ids, labels)
+        with hw.autocast():
+            loss, n = model.loss(to_device(ids, hw.device), labels)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     folder.mkdir(parents=True, exist_ok=True)
-    phi2.save_hf_checkpoint(model, folder)
+    phi2.save_hf_checkpoint(model.cpu(), folder)
     tokenizer.save(folder)
     return (loss / n).item()
 
@@ -87,35 +88,42 @@ def held_out(seed=1337, val_fraction=0.1):
     splits = {s: split(read_pairs(DATA_DIR / "targets" / f"{s}.jsonl"), val_fraction, seed)[1] for s in STYLES}
     prompts = [p.prompt for p in splits[STYLES[0]]]
     assert all([p.prompt for p in splits[s]] == prompts for s in STYLES), "the style sets must share prompts"
-    return [(prompt, {s: splits[s][i].target for s in STYLES}) for i, prompt in enumerate(prompts)]
+    return [(prompt, {s: splits[s][i].improved for s in STYLES}) for i, prompt in enumerate(prompts)]
 
 
 def run_cli(name, module, argv, quiet):
-    """Run a CLI's main in this process, showing the command it stands for."""
+    """Run a CLI's main in this process, showing the command it stands for and how long it took."""
     print(f"\n$ python {name}.py {' '.join(argv)}", flush=True)
+    t = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        return module.main(module.parse_args(argv))
+        result = module.main(module.parse_args(argv))
+    print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
+    return result
 
 
-def run(out: Path, base_steps=400, sft_epochs=3, head_epochs=10, max_new_tokens=80, quiet=False) -> dict:
+def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=80, quiet=False, device="auto",
+        precision="auto") -> dict:
     """The whole pipeline into out; returns {(head, style): mean ROUGE-L on the held-out prompts}."""
     if out.exists():
         if not (out / MARKER).exists():
-            raise SystemExit(f"quickstart.py: {out} exists and is not a quickstart folder; choose another --out")
+            raise cli.UsageError(f"{out} exists and is not a quickstart folder; choose another --run-dir")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("made by quickstart.py; replaced by the next run\n")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
+    hw = hardware.resolve(device, precision)
+    print(hw.describe())
+    on = ["--device", device, "--precision", precision]
 
-    print(f"== stage 0 (demo only): a random tiny Phi-2, trained {base_steps} steps on the bundled text")
-    loss = make_base(out / "base", base_steps)
-    print(f"   loss {loss:.2f}, written to {out / 'base'}")
+    print(f"\n== stage 0 (demo only): a random tiny Phi-2, trained {base_steps} steps on the bundled text")
+    loss = make_base(out / "base", base_steps, hw)
+    print(f"   loss {loss:.2f}, written to {out / 'base'} ({time.perf_counter() - t0:.0f} s)")
 
     print("\n== stage 1: LoRA on the bundled prompt pairs")
-    run_cli("train_sft", train_sft, ["--model", str(out / "base"), "--out", str(out / "sft"), "--epochs",
+    run_cli("train_sft", train_sft, ["--model", str(out / "base"), "--run-dir", str(out / "sft"), "--epochs",
                                      str(sft_epochs), "--lr", "1e-3", "--batch-size", "8", "--grad-accum", "1",
-                                     "--warmup-steps", "10", "--eval-interval", "50"], quiet)
+                                     "--warmup-steps", "10", "--eval-interval", "50", *on], quiet)
 
     print("\n== stage 2: one head per target style")
     for style in STYLES:
@@ -123,13 +131,13 @@ def run(out: Path, base_steps=400, sft_epochs=3, head_epochs=10, max_new_tokens=
             "--target", style, "--data", os.path.relpath(DATA_DIR / "targets" / f"{style}.jsonl"), "--lora",
             str(out / "sft" / "best"), "--out", str(out / f"{style}.safetensors"), "--run-dir",
             str(out / f"head-{style}"), "--epochs", str(head_epochs), "--lr", "3e-3", "--batch-size", "8",
-            "--grad-accum", "1", "--eval-interval", "20"], quiet)
+            "--grad-accum", "1", "--eval-interval", "20", *on], quiet)
 
     print("\n== rewriting the held-out prompts with each head")
     rows = held_out()
     heads = [a for s in STYLES for a in ("--head", str(out / f"{s}.safetensors"))]
     argv = ["--lora", str(out / "sft" / "best"), *heads,
-            "--max-new-tokens", str(max_new_tokens), "--dtype", "fp32", "--json", *[prompt for prompt, _ in rows]]
+            "--max-new-tokens", str(max_new_tokens), *on, "--json", *[prompt for prompt, _ in rows]]
     with contextlib.redirect_stdout(io.StringIO()):
         records = run_cli("generate", generate, argv, quiet=True)
     outputs = {(r["index"], r["target"]): r["output"] for r in records}
@@ -155,14 +163,19 @@ def print_side_by_side(rows, outputs, width=46):
             print(f"  {left:{width}s} | {right}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="The offline quickstart on the tiny preset")
-    p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--base-steps", type=int, default=400, help="stage-0 steps for the tiny base")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--run-dir", default="runs/quickstart", help="the folder for everything the quickstart makes")
+    p.add_argument("--base-steps", type=cli.positive_int, default=250, help="stage-0 steps for the tiny base")
     p.add_argument("--quiet", action="store_true", help="hide the training progress bars")
-    args = p.parse_args(argv)
-    run(Path(args.out), base_steps=args.base_steps, quiet=args.quiet)
+    cli.add_hardware_args(p)
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    return run(Path(args.run_dir), base_steps=args.base_steps, quiet=args.quiet, device=args.device,
+               precision=args.precision)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run("quickstart.py", main, parse_args)

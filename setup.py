@@ -8,11 +8,11 @@ setup(
     description="Rewrite a prompt into a better one with a LoRA-tuned Phi-2 and a small head per target LLM",
     python_requires=">=3.10",
     packages=find_packages(include=["phi2", "phi2.*"]),
-    py_modules=["lora", "head_adapter", "prompts", "train_sft", "train_head", "generate", "target_data",
-                "quickstart"],
+    py_modules=["cli", "hardware", "runs", "lora", "head_adapter", "prompts", "train_sft", "train_head", "generate",
+                "target_data", "quickstart"],
     # Install torch first (pip install torch==2.13.0 here): a bare requirement with no torch present
     # would fetch a multi-GB CUDA build. Any 2.5+ satisfies this range (SDPA's enable_gqa).
-    install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.8", "numpy", "tqdm"],
     extras_require={
         # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
         "test": ["pytest", "transformers>=5.0,<6", "peft>=0.17"],

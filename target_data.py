@@ -11,7 +11,6 @@ the ones that failed). The API key is read from an environment variable and neve
 Standard library HTTP only.
 """
 
-import argparse
 import json
 import os
 import random
@@ -25,7 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from prompts import DEFAULT_DATA, DataError, read_prompts
+import cli
+from phi2.errors import UsageError
+from prompts import DEFAULT_DATA, read_prompts
 
 INSTRUCTION = ("You improve prompts for large language models. Rewrite the user's prompt so that a model will "
                "answer it well: make the task, the context, the constraints and the expected output explicit, "
@@ -51,7 +52,7 @@ class TargetDataConfig:
     limit: int | None = None  # only the first N prompts
 
 
-class TargetDataError(Exception):
+class TargetDataError(UsageError):
     """A run that cannot go on (no key, key refused, bad arguments); printed as one line."""
 
 
@@ -61,7 +62,7 @@ class RequestFailed(Exception):
 
 def parse_args(argv=None) -> TargetDataConfig:
     d = TargetDataConfig()
-    p = argparse.ArgumentParser(description="Collect (prompt, improved) pairs from a target LLM")
+    p = cli.parser(__doc__)
     p.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     p.add_argument("--model", required=True, help="the target model's name at that endpoint")
     p.add_argument("--out", required=True, help="JSONL to append (prompt, improved) pairs to")
@@ -69,13 +70,13 @@ def parse_args(argv=None) -> TargetDataConfig:
     p.add_argument("--data", default=d.data, help="prompts: .txt (one per line) or .jsonl/.json/.csv records")
     p.add_argument("--field", default=d.field, help="the prompt's field in --data records")
     p.add_argument("--instruction", default=d.instruction, help="the system message")
-    p.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
-    p.add_argument("--max-retries", type=int, default=d.max_retries)
-    p.add_argument("--retry-base", type=float, default=d.retry_base, help="first backoff in seconds")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
+    p.add_argument("--max-retries", type=cli.count, default=d.max_retries, help="retries of a failed request")
+    p.add_argument("--retry-base", type=cli.nonnegative_float, default=d.retry_base, help="first backoff in seconds")
+    p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="the target's sampling")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=d.max_tokens, help="longest improved prompt")
+    p.add_argument("--limit", type=cli.positive_int, help="only the first N prompts")
     return TargetDataConfig(**vars(p.parse_args(argv)))
 
 
@@ -208,10 +209,6 @@ def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        result = main(parse_args())
-    except (TargetDataError, DataError) as e:
-        sys.exit(f"target_data.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("target_data.py: interrupted; what arrived is saved, rerun the same command to go on")
+    result = cli.run("target_data.py", main, parse_args,
+                     on_interrupt="; what arrived is saved, rerun the same command to go on")
     sys.exit(1 if result["failed"] else 0)

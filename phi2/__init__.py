@@ -13,15 +13,16 @@ from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .weights import CheckpointError, load_model, save_hf_checkpoint
 
 
-def build_model(config="tiny", dtype=torch.float32, seed=0) -> Phi2:
-    """A random-weight model from a preset name or a Phi2Config, initialised as transformers does."""
+def build_model(config="tiny", dtype=torch.float32, seed=0, device="cpu") -> Phi2:
+    """A random-weight model from a preset name or a Phi2Config, initialised as transformers does, then
+    moved to device (initialised on the CPU, so a seed gives the same numbers on every device)."""
     if isinstance(config, str):
         config = Phi2Config.from_name(config)
     with torch.device("meta"):
         model = Phi2(config)
     model = model.to(dtype).to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
-    return model
+    return model.to(device)
 
 
 __all__ = [

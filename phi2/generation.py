@@ -44,16 +44,16 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 def prefill(model: Phi2, idx, mask=None, position_ids=None, head=None):
     """Run the prompts (B, T) through the model from slot 0; logits of the last position (B, V)."""
     T = idx.size(1)
-    h = model.hidden_states(idx, torch.arange(T, device=idx.device), mask, position_ids)  # (B, T, C)
-    head = model.output_head if head is None else head
+    h = model.hidden_states(idx, torch.arange(T, device=idx.device), mask, position_ids, kv_len=T)  # (B, T, C)
+    head = model.lm_head if head is None else head
     return head(h[:, -1])  # only the last position: skip T-1 rows of the LM head
 
 
 def decode_one_token(model: Phi2, token, pos: int, mask=None, position_ids=None, head=None):
     """Feed one token per row (B,) at cache slot pos; logits (B, V)."""
-    input_pos = torch.tensor([pos], device=token.device)
-    h = model.hidden_states(token[:, None], input_pos, mask, position_ids)  # (B, 1, C)
-    head = model.output_head if head is None else head
+    input_pos = torch.arange(pos, pos + 1, device=token.device)  # made on the device: no copy to wait for
+    h = model.hidden_states(token[:, None], input_pos, mask, position_ids, kv_len=pos + 1)  # (B, 1, C)
+    head = model.lm_head if head is None else head
     return head(h[:, -1])
 
 
@@ -112,44 +112,32 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     idx, valid = pad(prompts, pad_id=0, padding_side="left")  # (B, T) each
+    padded = not bool(valid.all())  # asked on the CPU, before the copy: no wait for the device
     idx, valid = idx.to(device), valid.to(device)
-    padded = not bool(valid.all())
     mask = position_ids = None
     if padded:
         mask, position_ids = left_padding(valid)
         key_valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)  # (B, T + new)
 
-    rows = [_Row() for _ in range(B)]
-    incremental = bool(stop_strings or callback)  # else the text is decoded once, at the end
     model.setup_kv_cache(B, T + max_new_tokens, device=device)
     try:
         token = sample(prefill(model, idx, mask, position_ids, head), temperature, top_k, top_p, generator)
-        for step in range(max_new_tokens):
-            for row, tok in zip(rows, token.tolist()):
-                if row.finish:
-                    continue  # finished rows still ride along in the batch; their tokens are dropped
-                if tok == eos_id:
-                    row.finish = "eos"
-                else:
-                    row.ids.append(tok)
-                if incremental:
-                    row.text, stopped = _releasable(tokenizer.decode(row.ids), stop_strings)
-                    row.finish = "stop" if stopped else row.finish
-                if not row.finish and step == max_new_tokens - 1:
-                    row.finish = "length"
-            if callback:
-                _stream(rows, callback)
-            if all(row.finish for row in rows):
-                break
-            pos = T + step
+
+        def step(i, token):
+            """The next token after `token`, fed at cache slot T + i."""
+            nonlocal mask, position_ids
             if padded:
-                mask = key_valid[:, None, None, : pos + 1]  # (B, 1, 1, S)
+                mask = key_valid[:, None, None, : T + i + 1]  # (B, 1, 1, S)
                 position_ids = position_ids[:, -1:] + 1  # (B, 1)
-            logits = decode_one_token(model, token, pos, mask, position_ids, head)
-            token = sample(logits, temperature, top_k, top_p, generator)
+            logits = decode_one_token(model, token, T + i, mask, position_ids, head)
+            return sample(logits, temperature, top_k, top_p, generator)
+
+        if stop_strings or callback:
+            rows = _decode_text(step, token, max_new_tokens, eos_id, tokenizer, stop_strings, callback, B)
+        else:
+            rows = _decode_ids(step, token, max_new_tokens, eos_id, B)
     finally:
         model.clear_kv_cache()
-
     if tokenizer is not None:
         for row in rows:
             if row.finish != "stop":  # nothing more will come: release any held-back tail
@@ -157,6 +145,53 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
         if callback:
             _stream(rows, callback)
     return [Completion(row.ids, row.text if tokenizer else None, row.finish) for row in rows]
+
+
+def _decode_ids(step, token, max_new_tokens, eos_id, B):
+    """Tokens stay on the device, and whether every row has ended is asked every step on the CPU (where
+    it costs nothing) and every 16 steps elsewhere (each ask waits for the device)."""
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=token.device)
+    ended = torch.zeros(B, dtype=torch.bool, device=token.device)
+    every = 1 if token.is_cpu else 16
+    n = max_new_tokens
+    for i in range(max_new_tokens):
+        out[:, i] = token
+        if eos_id is not None:
+            ended |= token == eos_id
+        if i == max_new_tokens - 1 or ((i + 1) % every == 0 and bool(ended.all())):
+            n = i + 1
+            break
+        token = step(i, token)
+    rows = []
+    for ids in out[:, :n].tolist():
+        row = _Row()
+        cut = ids.index(eos_id) if eos_id in ids else None
+        row.ids, row.finish = (ids, "length") if cut is None else (ids[:cut], "eos")
+        rows.append(row)
+    return rows
+
+
+def _decode_text(step, token, max_new_tokens, eos_id, tokenizer, stop_strings, callback, B):
+    """Token by token on the host: stop strings and streaming need each row's text as it grows."""
+    rows = [_Row() for _ in range(B)]
+    for i in range(max_new_tokens):
+        for row, tok in zip(rows, token.tolist()):
+            if row.finish:
+                continue  # finished rows still ride along in the batch; their tokens are dropped
+            if tok == eos_id:
+                row.finish = "eos"
+            else:
+                row.ids.append(tok)
+            row.text, stopped = _releasable(tokenizer.decode(row.ids), stop_strings)
+            row.finish = "stop" if stopped else row.finish
+            if not row.finish and i == max_new_tokens - 1:
+                row.finish = "length"
+        if callback:
+            _stream(rows, callback)
+        if all(row.finish for row in rows):
+            break
+        token = step(i, token)
+    return rows
 
 
 def _stream(rows, callback):

@@ -15,9 +15,14 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .weights import atomic_path
+from .errors import UsageError
+from .files import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
+
+
+class TokenizerError(UsageError):
+    """A tokenizer file that is missing or cannot be read; the message names it."""
 
 
 class Tokenizer:
@@ -25,7 +30,7 @@ class Tokenizer:
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.token_to_id(eos_token)
         if self.eos_id is None:
-            raise ValueError(f"the tokenizer has no end-of-text token {eos_token!r}")
+            raise TokenizerError(f"the tokenizer has no end-of-text token {eos_token!r}; Phi-2's is {EOS_TOKEN!r}")
         self.bos_id = self.eos_id  # Phi-2 uses <|endoftext|> for both, and never prepends it
         self.pad_id = self.eos_id  # no pad token: padded slots are masked, so any id will do
 
@@ -66,15 +71,19 @@ def load_tokenizer(path) -> Tokenizer:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no tokenizer.json; it comes with the model's checkpoint folder")
+        raise TokenizerError(f"{file}: no tokenizer.json; it comes with the model's checkpoint folder "
+                             "(copy it there from microsoft/phi-2)")
     try:
         tokenizer = HFTokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception carrying a serde message
-        raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+        raise TokenizerError(f"{file}: not a valid tokenizer.json ({e}); download it again") from None
     eos = EOS_TOKEN
     config = file.with_name("tokenizer_config.json")
     if config.exists():
-        token = json.loads(config.read_text()).get("eos_token")
+        try:
+            token = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise TokenizerError(f"{config}: not a JSON object; download it again or delete it") from None
         eos = (token.get("content") if isinstance(token, dict) else token) or eos  # str or {"content": ...}
     return Tokenizer(tokenizer, eos)
 

@@ -53,14 +53,14 @@ def test_jsonl_json_and_csv_readers(tmp_path):
     (tmp_path / "d.csv").write_text('bad,good\n"fix this","Rewrite this."\n"two\nlines","Two, ""quoted""\nlines."\n')
     for name in ("d.jsonl", "d.json", "d.csv"):
         pairs = prompts.read_pairs(tmp_path / name, "bad", "good")
-        assert [(p.prompt, p.target) for p in pairs] == [(r["bad"], r["good"]) for r in rows], name
+        assert [(p.prompt, p.improved) for p in pairs] == [(r["bad"], r["good"]) for r in rows], name
     assert [p.source.rsplit(":", 1)[1] for p in prompts.read_pairs(tmp_path / "d.csv", "bad", "good")] == ["2", "3"]
     assert [p.source.rsplit(":", 1)[1] for p in prompts.read_pairs(tmp_path / "d.json", "bad", "good")] == ["2", "6"]
 
 
 @pytest.mark.parametrize("name, content, message", [
     ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": "c"}\n',
-     r"d.jsonl:2: no field 'improved' \(fields: prompt\); name the right one with --target-field"),
+     r"d.jsonl:2: no field 'improved' \(fields: prompt\); name the right one with --improved-field"),
     ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": " ", "improved": "b"}\n',
      "d.jsonl:2: field 'prompt' is empty"),
     ("d.jsonl", '{"prompt": "a", "improved": "b"}\n{"prompt": "a", "improved": "b"\n', "d.jsonl:2: not valid JSON"),
@@ -106,4 +106,4 @@ def test_bundled_dataset():
 def test_real_csv_with_multiline_fields():
     pairs = prompts.read_pairs(SHARED / "prompt_pairs" / "oneprompted_v1.csv", "bad_prompt", "good_prompt")
     assert len(pairs) == 1450
-    assert sum("\n" in p.target for p in pairs) > 100
+    assert sum("\n" in p.improved for p in pairs) > 100

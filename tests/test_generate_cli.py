@@ -6,8 +6,9 @@ import pytest
 
 import generate
 import phi2
+from phi2.errors import UsageError
 from phi2.generation import generate as engine
-from prompts import format_prompt
+from prompts import DataError, format_prompt
 
 
 def run(capsys, *argv):
@@ -17,7 +18,7 @@ def run(capsys, *argv):
 
 
 def test_single_prompt_streams_the_rewrite(tiny_checkpoint, capsys):
-    records, out, _ = run(capsys, "--model", tiny_checkpoint, "--max-new-tokens", 12, "--dtype", "fp32",
+    records, out, _ = run(capsys, "--model", tiny_checkpoint, "--max-new-tokens", 12, "--precision", "fp32",
                           "Write a poem about rain")
     model, tok = phi2.load_model(tiny_checkpoint), phi2.load_tokenizer(tiny_checkpoint)
     ref = engine(model, [tok.encode(format_prompt("Write a poem about rain"))], 12, eos_id=tok.eos_id,
@@ -30,14 +31,14 @@ def test_file_to_json_keeps_input_order(tiny_checkpoint, tmp_path, capsys):
     prompts = ["Write a plan", "", "Explain a very long and detailed report about taxes in detail", "Draft"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     records, out, _ = run(capsys, "--model", tiny_checkpoint, "--file", tmp_path / "p.txt", "--json",
-                          "--batch-size", 2, "--max-new-tokens", 8, "--dtype", "fp32")
+                          "--batch-size", 2, "--max-new-tokens", 8, "--precision", "fp32")
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["input"] for r in lines] == [p for p in prompts if p]  # the blank line is skipped
     assert [r["source"].rsplit(":", 1)[1] for r in lines] == ["1", "3", "4"]
     assert all(r["new_tokens"] == 8 and r["finish"] == "length" and r["tokens_per_s"] > 0 for r in lines)
     # batching (sorted by length) gives what each prompt gives alone
     for r in lines:
-        alone, _, _ = run(capsys, "--model", tiny_checkpoint, "--max-new-tokens", 8, "--dtype", "fp32", r["input"])
+        alone, _, _ = run(capsys, "--model", tiny_checkpoint, "--max-new-tokens", 8, "--precision", "fp32", r["input"])
         assert alone[0]["output"] == r["output"]
 
 
@@ -45,7 +46,7 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"q": f"Write a poem about {t}"}) + "\n"
                                               for t in ("rain", "taxes", "sorting")))
     argv = ["--model", tiny_checkpoint, "--file", tmp_path / "p.jsonl", "--field", "q", "--json",
-            "--out", tmp_path / "out.jsonl", "--max-new-tokens", 6, "--dtype", "fp32"]
+            "--out", tmp_path / "out.jsonl", "--max-new-tokens", 6, "--precision", "fp32"]
     full, _, _ = run(capsys, *argv)
     final = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(final) == 3 and not (tmp_path / "out.jsonl.partial").exists()
@@ -66,12 +67,12 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
 
 def test_partial_from_other_prompts_is_refused(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "out.txt.partial").write_text(json.dumps({"index": 0, "input": "something else"}) + "\n")
-    with pytest.raises(generate.UsageError, match=r"out.txt.partial:1: results for other prompts"):
+    with pytest.raises(UsageError, match=r"out.txt.partial:1: results for other prompts"):
         run(capsys, "--model", tiny_checkpoint, "--out", tmp_path / "out.txt", "Write a plan")
 
 
 def test_raw_continues_the_text(tiny_checkpoint, capsys):
-    records, _, _ = run(capsys, "--model", tiny_checkpoint, "--raw", "--max-new-tokens", 5, "--dtype", "fp32",
+    records, _, _ = run(capsys, "--model", tiny_checkpoint, "--raw", "--max-new-tokens", 5, "--precision", "fp32",
                         "Write a poem")
     model, tok = phi2.load_model(tiny_checkpoint), phi2.load_tokenizer(tiny_checkpoint)
     assert records[0]["output"] == engine(model, [tok.encode("Write a poem")], 5, eos_id=tok.eos_id,
@@ -89,10 +90,10 @@ def test_prompt_longer_than_context_is_skipped_with_a_warning(tiny_checkpoint, c
 def test_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(phi2.CheckpointError, match="no Phi-2 checkpoint here; download it with `huggingface-cli"):
         run(capsys, "--model", tmp_path / "missing", "hello")
-    with pytest.raises(generate.UsageError, match="argument 2 is an empty prompt"):
+    with pytest.raises(UsageError, match="argument 2 is an empty prompt"):
         run(capsys, "--model", tiny_checkpoint, "hello", "  ")
     (tmp_path / "p.jsonl").write_text('{"text": "hi"}\n')
-    with pytest.raises(generate.DataError, match=r"p.jsonl:1: no prompt in field 'prompt' \(fields: text\)"):
+    with pytest.raises(DataError, match=r"p.jsonl:1: no prompt in field 'prompt' \(fields: text\)"):
         run(capsys, "--model", tiny_checkpoint, "--file", tmp_path / "p.jsonl")
 
 
@@ -101,4 +102,4 @@ def test_cli_exits_with_one_line(tiny_checkpoint, tmp_path):
     import sys
     r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path / "nope"), "hi"],
                        capture_output=True, text=True, cwd=generate.__file__.rsplit("/", 1)[0])
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("generate.py: error:")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("generate.py: error:")

@@ -9,7 +9,7 @@ import lora
 import phi2
 from tests.conftest import save_hf_reference
 
-TARGETS = list(lora.DEFAULT_TARGETS)
+TARGETS = list(lora.DEFAULT_MODULES)
 
 
 @pytest.fixture

@@ -172,7 +172,7 @@ def test_the_key_never_appears(server_factory, prompts_file, tmp_path):
     refusing = server_factory(reject_key=True)
     bad = subprocess.run(argv + ["--base-url", refusing.url, "--out", str(tmp_path / "other.jsonl")], env=env,
                          cwd=ROOT, capture_output=True, text=True)
-    assert ok.returncode == 0 and bad.returncode == 1
+    assert ok.returncode == 0 and bad.returncode == 2
     assert "refused the API key (HTTP 401); check $TEST_KEY" in bad.stderr
     for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr, out.read_text()):
         assert KEY not in text

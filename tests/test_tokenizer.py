@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import phi2
-from phi2.tokenizer import pad
+from phi2.tokenizer import TokenizerError, pad
 from tests.conftest import PHI2_FILES, needs_shared
 
 TEXTS = [
@@ -56,7 +56,7 @@ def test_batch_padding_left_and_right():
 
 
 def test_missing_and_invalid_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
         phi2.load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):

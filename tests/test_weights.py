@@ -164,7 +164,7 @@ def test_saved_checkpoint_loads_in_transformers(tiny_cfg, tmp_path):
 
 
 def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
-    from phi2.weights import atomic_path
+    from phi2.files import atomic_path
     target = tmp_path / "state.json"
     target.write_text("old")
     with pytest.raises(RuntimeError):

@@ -1,0 +1,65 @@
+"""What every command line shares: one parser style, the hardware flags, checked numbers, one error exit.
+
+Each CLI is `parse_args(argv) -> config dataclass -> main(cfg)`, and its `__main__` block is
+`cli.run("train_sft.py", main, parse_args)`: a UsageError (any module's own error class derives from it)
+prints as one line `NAME: error: ...` and exits 2, as argparse does for a bad flag; Ctrl-C exits 130 with
+one line. Every flag has help text, and --help shows each default.
+"""
+
+import argparse
+import sys
+
+from hardware import DEVICES, PRECISIONS
+from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the first line of a module docstring and whose help shows defaults."""
+    return argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_hardware_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help=f"where to compute: {DEVICES} (auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 where the hardware runs it natively, fp16 + gradient scaling on CUDA GPUs "
+                        "without bf16, else fp32")
+
+
+def _number(kind, low, low_ok, name):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value < low or (value == low and not low_ok):  # NaN, or out of range
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1, True, "positive integer")
+count = _number(int, 0, True, "count")
+positive_float = _number(float, 0.0, False, "positive number")
+nonnegative_float = _number(float, 0.0, True, "non-negative number")
+
+
+def fraction(text):
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return value
+
+
+def run(name: str, main, parse_args, argv=None, on_interrupt=""):
+    """main(parse_args(argv)), with every UsageError as one line on stderr and exit status 2; on_interrupt:
+    what to tell the user after Ctrl-C (how to go on)."""
+    try:
+        return main(parse_args(argv))
+    except UsageError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted{on_interrupt}", file=sys.stderr)
+        sys.exit(130)

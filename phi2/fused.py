@@ -1,0 +1,183 @@
+"""Kernels that exist for speed, apart from the architecture in model.py. Each gives the same numbers as
+the plain PyTorch it replaces (tests/test_model.py checks each against it) and was kept because it was
+measured to pay on these machines' CPUs:
+
+- `Linear`: nn.Linear with a faster path for 1 to 8 half-precision rows on the CPU (decoding). For one row
+  torch.addmv reaches about twice the bandwidth of F.linear; for 2 to 8 rows W @ x.T is 1.3-1.5x faster on
+  Phi-2's shapes. 2-layer Phi-2 bf16 decoding at batch 8 went from 1.13x to 1.42x transformers with it.
+- `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
+  instead of n: 3.5x faster than F.dropout at p = 0.05 on a CPU. On other devices it is F.dropout, whose
+  fused kernel needs no host synchronisation.
+- `linear_cross_entropy`: the LM head and the loss in one step, in row chunks, with the gradients made while
+  each chunk's logits are at hand: no (N, 51200) fp32 tensor, 20-23% faster than before on Phi-2's head, and
+  a low-rank head update that stays factorised.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on x's device, or None where it is off (or absent, as on meta)."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+class Linear(nn.Linear):
+    """nn.Linear, plus fast paths for a few rows of bf16/fp16 input on the CPU (decoding).
+
+    oneDNN's half-precision matmul behind F.linear is slow when the input has only a few rows. For one
+    row, torch.addmv's kernel reaches about twice its bandwidth. For 2 to 8 rows, the same matmul with the
+    weight as the left operand, W @ x.T, is 1.3-1.5x faster on Phi-2's layer shapes and no slower on
+    small ones. Both accumulate in fp32 (bench/generation.py measures the effect).
+    """
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if rows <= 8 and x.dtype == self.weight.dtype != torch.float32 and x.is_cpu:
+            if rows == 1:
+                return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+            y = torch.addmm(self.bias[:, None], self.weight, x.reshape(rows, -1).t())  # (out, rows)
+            return y.t().reshape(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
+def dropout(x, p: float, training: bool = True):
+    """F.dropout with a cheaper random mask of exactly the same distribution.
+
+    In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
+    gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
+    are most of its cost (3.5x faster at p = 0.05 here; tests/test_model.py checks the statistics).
+    """
+    if not training or p == 0.0:
+        return x
+    if not x.is_cpu:  # the device's fused kernel: no mask in memory, no host synchronisation
+        return F.dropout(x, p, training)
+    if p == 1.0:
+        return torch.zeros_like(x)
+    n = x.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=x.device)
+    last = -1  # index of the last dropped element so far
+    while last < n:
+        expected = (n - last) * p  # draw enough gaps to pass the end, almost always at the first try
+        k = int(expected + 6 * expected**0.5 + 16)
+        gaps = torch.empty(k, dtype=torch.float64, device=x.device).geometric_(p)  # trials to a drop, >= 1
+        drops = last + gaps.long().cumsum(0)
+        keep[drops[drops < n]] = False
+        last = int(drops[-1])
+    return (x * keep.view(x.shape)).mul_(1.0 / (1.0 - p))  # in place: one temporary of x's size, not two
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` above."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b + s (h_i A^T) B^T, t_i) for h (N, C), without keeping the (N, V) logits.
+
+    The gradient of the loss with respect to the logits is softmax - onehot, so each chunk of rows gets
+    its gradients for h, W and b right in the forward pass, while its logits are at hand (the idea of
+    Liger-Kernel's fused linear cross-entropy); backward only scales them. Matmuls run in `dtype` (bf16
+    under autocast) and the softmax in fp32, as the plain autocast path does.
+    Each chunk reads the whole weight, so a chunk has at least C/4 rows: Phi-2's 2560-wide head (262 MB in
+    bf16) does not stay in cache, reading it is what costs, and 640-row chunks take a third less time than
+    81-row ones. The fp32 softmax then goes through the chunk's logits a few rows at a time, so that its
+    temporaries stay in cache, and writes the gradient over the logits: no (n, V) fp32 tensor is ever made.
+    The optional rank-r update s B A of the weight (a low-rank head, head_adapter.py) stays factorised:
+    its terms cost N V r multiplies where the (V, C) product B A would cost V C r and a dW GEMM N V C.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, dtype, lora_A=None, lora_B=None, scaling=1.0):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        low_rank = lora_A is not None
+        need_ab = low_rank and any(ctx.needs_input_grad[5:7])
+        need_grad = need_h or need_w or need_b or need_ab
+        N, V = h.size(0), weight.size(0)
+        chunk = max(2**22 // V, h.size(1) // 4)  # rows: see the docstring
+        W, b = weight.to(dtype), bias.to(dtype)
+        # the logits, then dloss/dlogits in their place: all N rows when a dW GEMM needs them, else one chunk's
+        logits_all = torch.empty(N if need_w else min(N, chunk), V, dtype=dtype, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grad_u = grad_A = grad_B = None
+        if low_rank:
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, C), (V, r)
+            u = F.linear(h.to(dtype), A) * scaling  # (N, r): the rank-r path's input to B
+            grad_u = torch.empty_like(u) if need_ab or need_h else None  # dloss/du (N, r)
+            grad_B = torch.zeros_like(lora_B, dtype=torch.float32) if need_ab else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, N, chunk):
+            rows = slice(start, start + chunk)
+            hc, t = h[rows].to(dtype), targets[rows]
+            logits = logits_all[rows] if need_w else logits_all[: len(t)]  # (n, V)
+            torch.addmm(b, hc, W.t(), out=logits)
+            if low_rank:
+                logits.addmm_(u[rows], B.t())
+            total += softmax_cross_entropy_(logits, t, need_grad, grad_b)  # logits now hold dloss/dlogits
+            if need_h:
+                grad_h[rows] = logits @ W  # (n, C)
+            if grad_u is not None:
+                grad_u[rows] = logits @ B  # (n, r)
+                if need_ab:
+                    grad_B += logits.t() @ u[rows]  # (V, r), summed over chunks in fp32
+        grad_w = None
+        if need_w:
+            # all N rows in one product, not one per chunk (each would read and write the whole (V, C) gradient),
+            # made a few thousand vocabulary rows at a time and cast to the weight's dtype slice by slice
+            grad_w, hd = torch.empty_like(weight), h.to(dtype)
+            step = max(1, 2**23 // h.size(1))  # vocabulary rows: 8M numbers
+            for v in range(0, V, step):
+                grad_w[v:v + step] = logits_all[:, v:v + step].t() @ hd  # (step, C)
+        grad_b = grad_b.to(bias.dtype) if need_b else None  # gradients in their parameters' dtypes
+        if grad_u is not None:
+            grad_u = grad_u * scaling  # through u = s h A^T
+            if need_h:
+                grad_h += (grad_u @ A).to(h.dtype)
+            if need_ab:
+                grad_A = (grad_u.t() @ h.to(dtype)).to(lora_A.dtype)  # (r, C)
+                grad_B = grad_B.to(lora_B.dtype)
+        ctx.grads = grad_h, grad_w, grad_b, grad_A, grad_B  # made here, not inputs: no need to save them
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # scaled in place and handed over (a full head's gradient is 131M numbers): backward runs once
+        grads, ctx.grads = ctx.grads, None
+        gh, gw, gb, ga, gB = [None if g is None else g.mul_(grad_out) for g in grads]
+        return gh, gw, gb, None, None, ga, gB, None
+
+
+def softmax_cross_entropy_(logits, targets, grad: bool, grad_bias=None):
+    """sum_i -log softmax(logits_i)[t_i] in fp32 for logits (n, V) and targets (n,). With grad, logits is
+    overwritten with the loss's gradient softmax - onehot, whose column sums are added to grad_bias if given.
+    A few rows at a time: 2 MB of fp32 stays in cache through the softmax's passes."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    step = max(1, 2**19 // logits.size(1))  # rows
+    for i in range(0, logits.size(0), step):
+        z, t = logits[i:i + step], targets[i:i + step]
+        logp = z.float().log_softmax(dim=-1)  # (k, V)
+        total -= logp.gather(1, t[:, None]).sum()
+        if grad:
+            g = logp.exp_()  # softmax, in place
+            g[torch.arange(len(t), device=t.device), t] -= 1.0
+            if grad_bias is not None:
+                grad_bias += g.sum(dim=0)
+            z.copy_(g)
+    return total
+
+
+def linear_cross_entropy(h, weight, bias, targets, low_rank=None):
+    """Summed cross-entropy of the logits h @ weight.T + bias (N, V) against targets (N,).
+    low_rank: optional (A (r, C), B (V, r), s), adding s * (h @ A.T) @ B.T to the logits."""
+    dtype = autocast_dtype(h) or weight.dtype
+    inputs = (h, weight, bias, targets, *(low_rank or ()))
+    if not torch.is_grad_enabled():  # validation: needs_input_grad ignores no_grad, so no gradient work
+        inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+    return LinearCrossEntropy.apply(*inputs[:4], dtype, *inputs[4:])

@@ -1,0 +1,351 @@
+"""What both training stages share, so that each trainer is its own set-up and its own step.
+
+A run lives in a folder (--run-dir): train_config.json (the settings, and the device and precision they
+resolved to), metrics.jsonl (one record per optimizer step) and state.safetensors (trainable weights, AdamW
+moments, gradient scaler and RNG: all that --resume needs to go on exactly as if never stopped). `Run` owns
+the folder and everything around a step: the learning-rate schedule, which examples make up each step (a
+pure function of the step, so a resumed run sees what an uninterrupted one would), gradient scaling,
+clipping, the optimizer step, the divergence check, validation, checkpoints, the log and the progress bar.
+A trainer keeps what is its own: the model, the data, and the forward and backward pass of a step:
+
+    with run:
+        for micro_batches in run.steps():
+            for batch in micro_batches: ... run.backward(loss / n_targets)
+            run.optimizer_step(tokens=...)
+
+Nothing here waits for the device except every --log-interval steps, and at validation and checkpoints:
+the losses and gradient norms of the steps between stay on the device until then.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import cli
+import hardware
+from phi2.errors import UsageError
+from phi2.files import atomic_path, write_atomic
+from prompts import DataError, batch_order, encode_pairs, split
+
+
+@dataclass
+class RunConfig:
+    """The settings every training run has; TrainConfig and HeadConfig add their own and their defaults."""
+    data: str = ""
+    prompt_field: str = "prompt"
+    improved_field: str = "improved"
+    run_dir: str = ""
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 4
+    max_len: int = 512
+    grad_clip: float = 1.0
+    device: str = "auto"
+    precision: str = "auto"
+    val_fraction: float = 0.1
+    eval_interval: int = 50
+    save_interval: int = 50
+    log_interval: int = 10
+    seed: int = 1337
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; --resume continues
+
+
+# Settings that may change between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "resume", "stop_after",
+                     "device"}
+
+
+class TrainingError(UsageError):
+    """A run that cannot start or go on."""
+
+
+def add_run_args(p: argparse.ArgumentParser, d: RunConfig):
+    """The flags of RunConfig's fields, with d's defaults (--data, --run-dir and the model flags are the trainer's)."""
+    p.add_argument("--prompt-field", default=d.prompt_field, help="the field holding the original prompt")
+    p.add_argument("--improved-field", default=d.improved_field, help="the field holding the improved prompt")
+    p.add_argument("--epochs", type=cli.positive_int, default=d.epochs, help="passes over the training split")
+    p.add_argument("--max-steps", type=cli.positive_int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=cli.positive_float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=cli.nonnegative_float, default=d.min_lr, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-steps", type=cli.count, default=d.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=cli.nonnegative_float, default=d.weight_decay, help="AdamW's decoupled decay")
+    p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--max-len", type=cli.positive_int, default=d.max_len,
+                   help="examples longer than this many tokens are left out (and counted)")
+    p.add_argument("--grad-clip", type=cli.positive_float, default=d.grad_clip, help="largest gradient norm")
+    cli.add_hardware_args(p)
+    p.add_argument("--val-fraction", type=cli.fraction, default=d.val_fraction, help="share of pairs held out")
+    p.add_argument("--eval-interval", type=cli.positive_int, default=d.eval_interval, help="steps between validations")
+    p.add_argument("--save-interval", type=cli.positive_int, default=d.save_interval, help="steps between checkpoints")
+    p.add_argument("--log-interval", type=cli.positive_int, default=d.log_interval,
+                   help="steps between writes of the metrics log (each waits for the device)")
+    p.add_argument("--seed", type=int, default=d.seed, help="data split, batch order, initialisation, dropout")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
+    p.add_argument("--stop-after", type=cli.positive_int, help="stop after this step; continue later with --resume")
+
+
+def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def encode_split(tokenizer, pairs, cfg: RunConfig) -> tuple[list, list]:
+    """The seeded train/validation split, tokenized; says how many examples --max-len dropped, and stops
+    if none is left to train on."""
+    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
+    train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
+    val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
+    if dropped + dropped_val:
+        print(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}",
+              file=sys.stderr)
+    if not train:
+        raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+    return train, val
+
+
+def step_plan(step: int, cfg: RunConfig, lengths: list[int], steps_per_epoch: int, total_steps: int):
+    """(epoch, micro-batches as lists of example indices, learning rate) of optimizer step `step`."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+    return epoch, order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], get_lr(step, cfg, total_steps)
+
+
+class Run:
+    """A training run in its folder: started fresh, or resumed with the settings it began with."""
+
+    def __init__(self, cfg: RunConfig, out: Path):
+        """Check the folder, resolve the hardware and print it (the run's first line). out: the artefact the
+        run makes (the best adapter or head), saved whenever validation improves."""
+        self.cfg, self.folder, self.out = cfg, Path(cfg.run_dir), Path(out)
+        if cfg.resume:
+            check_resumable(cfg, self.folder)
+        elif (self.folder / "state.safetensors").exists():
+            raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
+                                "--run-dir")
+        self.hw = hardware.resolve(cfg.device, cfg.precision)
+        print(self.hw.describe(), file=sys.stderr)
+        torch.manual_seed(cfg.seed)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, params: dict, train: list, val: list, base_fingerprint: str, *, what: str, evaluate, save,
+              initial_is_best=False):
+        """AdamW over params, the schedule over train, and on --resume the saved state.
+
+        evaluate() -> mean validation loss per token; save(path) writes the trained tensors to path.
+        initial_is_best: save the untrained parameters as the best so far (a head's identity start is a
+        valid head; an untrained LoRA is not worth a file).
+        """
+        cfg = self.cfg
+        self.params, self.evaluate, self.save, self.has_val = params, evaluate, save, bool(val)
+        self.base_fingerprint = base_fingerprint
+        # fused: one kernel for all tensors; the per-tensor loop costs ~1 s a step on Phi-2's 137M head parameters
+        self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.needs_scaler else None
+        self.lengths = [len(e.input_ids) for e in train]
+        self.steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.step, self.best_val = 0, float("inf")
+        if cfg.resume:
+            self.step, self.best_val = self.load_state()
+            trim_log(self.folder / "metrics.jsonl", self.step)
+        else:
+            saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict()}
+            write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
+            (self.folder / "metrics.jsonl").write_text("")
+        n_params = sum(p.numel() for p in params.values())
+        print(f"{what}: {len(train)} training / {len(val)} validation examples, {n_params:,} trainable parameters, "
+              f"{self.total_steps} steps; batch {cfg.batch_size} x grad-accum {cfg.grad_accum} = global batch "
+              f"{cfg.batch_size * cfg.grad_accum}", file=sys.stderr)
+        self.log = open(self.folder / "metrics.jsonl", "a")
+        if self.step == 0 and val:
+            self.best_val = evaluate()
+            self.log.write(json.dumps({"step": 0, "val_loss": self.best_val}) + "\n")
+            if initial_is_best:
+                save(self.out)
+        self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr)
+        self.pending = []  # (record, loss, grad_norm) of steps not yet written: tensors still on the device
+        self.step_loss, self.updating, self.clock = None, False, time.perf_counter()
+
+    def steps(self):
+        """The micro-batches of each optimizer step still to run, with that step's learning rate set."""
+        cfg = self.cfg
+        while self.step < self.total_steps and self.step != cfg.stop_after:
+            epoch, micro_batches, lr = step_plan(self.step, cfg, self.lengths, self.steps_per_epoch, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.plan = {"epoch": epoch, "lr": lr}
+            yield micro_batches
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Close the log and the bar; on Ctrl-C, save the run if it stopped between steps and say how to go on."""
+        try:
+            if kind is KeyboardInterrupt and not self.updating:
+                self.write(self.check())
+                self.save_state()
+        finally:
+            self.bar.close()
+            self.log.close()
+        if kind is KeyboardInterrupt:
+            where = (f"during step {self.step + 1}'s update; the last checkpoint in {self.folder} is kept"
+                     if self.updating else f"after step {self.step}, saved in {self.folder}")
+            raise TrainingError(f"interrupted {where}; continue with --resume") from None
+
+    def backward(self, loss):
+        """loss.backward() (through the gradient scaler in fp16); the loss stays on the device for the log."""
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def optimizer_step(self, **extra):
+        """Clip, step and zero the gradients; then, on their intervals, check for divergence and write the log,
+        validate (saving the best), and checkpoint. extra: numbers for this step's log record."""
+        cfg, optimizer = self.cfg, self.optimizer
+        self.updating = True  # an interrupt from here to the end of the update leaves no consistent state
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.grad_clip)  # a tensor: no sync
+        if self.scaler:
+            self.scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.updating = False
+        self.pending.append(({"step": self.step, **self.plan, **extra}, self.step_loss, grad_norm))
+        self.step_loss = None
+        self.bar.update()
+
+        last = self.step == self.total_steps or self.step == cfg.stop_after
+        evaluate = self.has_val and (self.step % cfg.eval_interval == 0 or last)
+        save = self.step % cfg.save_interval == 0 or last
+        if evaluate or save or self.step % cfg.log_interval == 0:
+            records = self.check()
+            if evaluate:
+                records[-1]["val_loss"] = self.evaluate()
+                if records[-1]["val_loss"] < self.best_val:
+                    self.best_val = records[-1]["val_loss"]
+                    self.save(self.out)
+            self.write(records)
+        if save:
+            self.save_state()
+            self.save(self.folder / f"last{self.out.suffix}")  # last/ beside best/, or last.safetensors
+        if last and not self.out.exists():  # no validation set: the last weights are the best we know
+            self.save(self.out)
+        if evaluate or save:
+            self.clock = time.perf_counter()  # the next steps' time starts now, not before validation or saving
+
+    def check(self) -> list[dict]:
+        """The log records of the pending steps, after one wait for the device; stops with TrainingError if a
+        loss, a gradient norm (without a scaler, whose skipped steps are normal) or a weight is not finite.
+        Nothing is saved then: the last checkpoint on disk stays the last good one."""
+        if not self.pending:
+            return []
+        seconds = (time.perf_counter() - self.clock) / len(self.pending)  # the device's time, spread over the steps since the last wait
+        values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in self.pending]).tolist()
+        # a NaN or an inf makes its tensor's sum non-finite (finite weights overflow it only past ~1e30 each);
+        # isfinite() would allocate boolean copies of every parameter: 2 s a step on a full 131M-number head
+        weights_ok = bool(torch.stack([p.detach().sum() for p in self.params.values()]).isfinite().all())
+        records = []
+        for (record, _, _), (loss, norm) in zip(self.pending, values):
+            if not math.isfinite(loss) or not (self.scaler or math.isfinite(norm)) or not weights_ok:
+                hint = "a lower --lr" + (" or --precision fp32" if self.hw.precision != "fp32" else "")
+                raise TrainingError(f"training diverged at step {record['step']} (loss {loss:.4g}, gradient norm "
+                                    f"{norm:.4g}); stopped, and the last good checkpoint is kept in {self.folder}; "
+                                    f"try {hint}")
+            record.update(loss=loss, seconds=seconds)
+            if "tokens" in record:
+                record["tokens_per_s"] = record["tokens"] / seconds
+            records.append(record)
+        self.pending, self.clock = [], time.perf_counter()
+        return records
+
+    def write(self, records: list[dict]):
+        self.log.writelines(json.dumps(r) + "\n" for r in records)
+        self.log.flush()
+        if records:
+            self.bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", lr=f"{records[-1]['lr']:.1e}")
+
+    # ---------------------------------------------------------------------- checkpoints (safetensors only)
+
+    def save_state(self):
+        """Trainable weights, AdamW moments, gradient scale and RNG in one safetensors file, written atomically."""
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam.{key}.{n}"] = value.detach().reshape(-1).contiguous() if key == "step" else value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.hw.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.hw.device)
+        metadata = {"step": str(self.step), "best_val": repr(self.best_val), "base_fingerprint": self.base_fingerprint}
+        if self.scaler:
+            metadata["scaler"] = json.dumps(self.scaler.state_dict())
+        with atomic_path(self.folder / "state.safetensors") as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+
+    def load_state(self) -> tuple[int, float]:
+        """Restore what save_state wrote, each tensor on its parameter's device; returns (step, best val loss)."""
+        path = self.folder / "state.safetensors"
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("base_fingerprint") != self.base_fingerprint:
+            raise TrainingError(f"{path}: saved on another base model (fingerprint {metadata.get('base_fingerprint')}, "
+                                f"this one is {self.base_fingerprint}); resume on the base it started with")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if f"param.{n}" not in tensors:
+                    raise TrainingError(f"{path}: has no tensor for {n}; it belongs to another model or settings")
+                p.copy_(tensors[f"param.{n}"])
+                state = {key: tensors[f"adam.{key}.{n}"].to(p.device) for key in ("step", "exp_avg", "exp_avg_sq")
+                         if f"adam.{key}.{n}" in tensors}
+                if state:
+                    state["step"] = state["step"].reshape(())
+                    self.optimizer.state[p] = state
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.hw.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.hw.device)
+        if self.scaler and "scaler" in metadata:
+            self.scaler.load_state_dict(json.loads(metadata["scaler"]))
+        return int(metadata["step"]), float(metadata["best_val"])
+
+
+def check_resumable(cfg: RunConfig, folder: Path):
+    """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES)."""
+    if not (folder / "state.safetensors").exists():
+        raise TrainingError(f"{folder}: nothing to resume (no state.safetensors); start without --resume")
+    saved = json.loads((folder / "train_config.json").read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples become lists
+    for key, value in now.items():
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+            raise TrainingError(f"{folder} was started with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+                                "resume with the same settings or choose another --run-dir")
+
+
+def trim_log(path: Path, step: int):
+    """Drop log records past the resumed step (written after the last checkpoint)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in keep))
