@@ -1,6 +1,6 @@
 """Peak resident memory while loading a Phi-2-sized checkpoint, against its size on disk.
 
-    python bench/load_memory.py [--dir /tmp/phi2-random] [--dtype bf16] [--with-transformers]
+    python bench/load_memory.py [--dir /tmp/phi2-random-32layer] [--dtype bf16] [--with-transformers]
 
 Writes a random-weight 32-layer Phi-2 in microsoft/phi-2's layout (two shards + index) unless --dir already
 holds one, then loads it in a fresh process and reports that process's peak RSS (ru_maxrss), with and
@@ -9,12 +9,16 @@ of every weight page has been read (a memory-mapping loader such as transformers
 point). The goal is < 1.3x the size on disk. --with-transformers measures from_pretrained on the same files.
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cli  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -54,12 +58,17 @@ def measure(script, folder, dtype):
     return base, loaded, touched, float(out[3])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default="/tmp/phi2-random-32layer")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--dir", default="/tmp/phi2-random-32layer",
+                   help="the checkpoint folder: a random 32-layer Phi-2 is written there unless it already holds one")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the checkpoint and of the load")
-    p.add_argument("--with-transformers", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--with-transformers", action="store_true",
+                   help="also measure transformers' from_pretrained on the same files")
+    return p.parse_args(argv)
+
+
+def main(args):
     folder, dtype = Path(args.dir), DTYPES[args.dtype]
 
     if not (folder / "model.safetensors.index.json").exists():
@@ -84,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("load_memory.py", main, parse_args)

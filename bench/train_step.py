@@ -1,15 +1,19 @@
 """One LoRA training step: ours against transformers + peft, same weights, same batch, same run.
 
-    python bench/train_step.py [--configs small phi-2-2layer] [--steps 5] [--full]
+    python bench/train_step.py [--configs small phi-2-2layer] [--steps 5] [--full] [--device auto] [--precision auto]
 
 Rank 32 on q/k/v/dense/fc1/fc2 (alpha 64, dropout 0.05), batch 4 x 256 built from real prompt pairs (the
 oneprompted CSV in ../shared, tokenized with the real Phi-2 tokenizer): each row is one pair of at least
-256 tokens cut at 256, so every position is a real token, with labels -100 on the prompt. bf16 base weights, bf16
-autocast, AdamW over the LoRA parameters, gradient checkpointing off and on. Each setting runs in fresh
-processes (2 threads), ours and peft alternating for --rounds rounds: the best of the processes' median
+256 tokens cut at 256, so every position is a real token, with labels -100 on the prompt. On --device, in
+the precision --precision resolves to (the first line printed says which, and why): base weights in that
+dtype and autocast to it (none in fp32; fp16 adds a gradient scaler), AdamW over the LoRA parameters,
+gradient checkpointing off and on. Each setting runs in fresh processes (2 CPU threads), ours and peft
+alternating for --rounds rounds, on the same device and precision: the best of the processes' median
 seconds per step (after one warm-up step; interference only slows a run down), tokens/s (4 x 256 / step
-time), and the highest peak RSS. --full adds the real budget: one step of the full 32-layer Phi-2 (random bf16
-weights, batch 4 x 512, checkpointing), ours, with transformers + peft at batch 1 x 256 for reference.
+time), and the highest peak memory (the process's peak RSS on a CPU, the peak of allocated device memory
+on a GPU). --full adds the real budget: one step of the full 32-layer Phi-2 (random bf16 weights, loaded in
+the run's precision, batch 4 x 512, checkpointing), ours, with transformers + peft at batch 1 x 256 for
+reference.
 """
 
 import argparse
@@ -28,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
+import hardware  # noqa: E402
+import lora  # noqa: E402
 import phi2  # noqa: E402
 from prompts import IGNORE_INDEX, encode_pair, read_pairs  # noqa: E402
 
@@ -37,7 +44,7 @@ CONFIGS = {
     "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2),
     "phi-2": phi2.Phi2Config.from_name("phi-2"),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+MODULES = list(lora.DEFAULT_MODULES)  # q/k/v/dense/fc1/fc2, for both implementations
 
 
 def make_batch(batch_size, length, seed=0):
@@ -45,7 +52,7 @@ def make_batch(batch_size, length, seed=0):
     least `length` tokens, cut there, with labels -100 on the prompt part."""
     tok = phi2.load_tokenizer(SHARED / "phi-2")
     pairs = read_pairs(SHARED / "prompt_pairs" / "oneprompted_v1.csv", "bad_prompt", "good_prompt")
-    examples = [encode_pair(tok, p.prompt, p.target) for p in pairs]
+    examples = [encode_pair(tok, p.prompt, p.improved) for p in pairs]
     long_enough = [e for e in examples if len(e.input_ids) >= length]
     rows = random.Random(seed).sample(long_enough, batch_size)
     ids = torch.tensor([e.input_ids[:length] for e in rows])
@@ -53,80 +60,116 @@ def make_batch(batch_size, length, seed=0):
     return ids, labels
 
 
-def worker(impl, folder, batch_file, checkpointing, steps):
-    """Train in this process and print {seconds per step, peak RSS} as JSON."""
+def synchronize(device: torch.device):
+    """Wait for the device's queued work, so that a timer around it measures the work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def worker(impl, folder, batch_file, checkpointing, steps, device, precision):
+    """Train in this process and print {seconds per step, loss, peak memory} as JSON."""
     import resource
 
     from safetensors.torch import load_file
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    hw = hardware.resolve(device, precision)
     batch = load_file(batch_file)
-    ids, labels = batch["input_ids"], batch["labels"]
+    ids, labels = batch["input_ids"].to(hw.device), batch["labels"]  # labels: see each loss_fn
     if impl == "ours":
-        import lora
-        model = phi2.load_model(folder, dtype=torch.bfloat16)
-        lora.inject(model, rank=32, alpha=64.0, dropout=0.05, targets=TARGETS)
+        model = phi2.load_model(folder, dtype=hw.dtype, device=hw.device)
+        lora.inject(model, rank=32, alpha=64.0, dropout=0.05, modules=MODULES)
         model.gradient_checkpointing = checkpointing
 
-        def loss_fn():
+        def loss_fn():  # labels stay on the CPU, as train_sft.py keeps them (the rows are found without a sync)
             loss, n = model.loss(ids, labels)
             return loss / n
     else:
         import peft
         import transformers
         transformers.logging.set_verbosity_error()
-        hf = transformers.PhiForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        hf = transformers.PhiForCausalLM.from_pretrained(folder, dtype=hw.dtype).to(hw.device)
         model = peft.get_peft_model(hf, peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
-                                                         target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                         target_modules=MODULES, task_type="CAUSAL_LM"))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        labels = labels.to(hw.device)
 
         def loss_fn():
             return model(input_ids=ids, labels=labels).loss
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(hw.device.type) if hw.needs_scaler else None  # fp16 only
     times = []
     for _ in range(steps + 1):
+        synchronize(hw.device)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with hw.autocast():
             loss = loss_fn()
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(hw.device)
         times.append(time.perf_counter() - t)
+    if hw.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(hw.device)
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": statistics.median(times[1:]) if steps else times[0], "loss": loss.item(),
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_memory": peak}))
 
 
-def run(impl, folder, batch_file, checkpointing, steps):
+def run(impl, folder, batch_file, checkpointing, steps, hw):
+    """One worker process on hw's device and precision; its JSON result."""
     cmd = [sys.executable, __file__, "--worker", impl, str(folder), str(batch_file), str(int(checkpointing)),
-           str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+           str(steps), str(hw.device), hw.precision]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"train_step.py: the {impl} worker failed (exit {done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_checkpoint(config, folder):
+def write_checkpoint(config, folder, dtype):
+    """A random-weight checkpoint of config in dtype (the dtype both implementations load it in)."""
     import transformers
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    hf = transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).to(torch.bfloat16)
+    hf = transformers.PhiForCausalLM(transformers.PhiConfig(**config.to_hf_dict())).to(dtype)
     hf.save_pretrained(folder)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", choices=["small", "phi-2-2layer"], default=["small", "phi-2-2layer"])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation, alternating")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--configs", nargs="+", choices=["small", "phi-2-2layer"], default=["small", "phi-2-2layer"],
+                   help="model configs to run")
+    p.add_argument("--steps", type=cli.count, default=5, help="timed steps per process, after one warm-up step")
+    p.add_argument("--rounds", type=cli.positive_int, default=2, help="fresh processes per implementation, alternating")
     p.add_argument("--full", action="store_true", help="also the full 32-layer Phi-2 budget check")
-    p.add_argument("--full-dir", default="/tmp/phi2-random-32layer", help="a random 32-layer bf16 checkpoint")
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--full-dir", default="/tmp/phi2-random-32layer",
+                   help="a random 32-layer bf16 checkpoint (bench/load_memory.py writes one there if it is missing)")
+    cli.add_hardware_args(p)
+    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)  # internal: one measuring process
+    return p.parse_args(argv)
+
+
+def main(args):
     if args.worker:
-        impl, folder, batch_file, checkpointing, steps = args.worker
-        return worker(impl, folder, batch_file, checkpointing == "1", int(steps))
+        impl, folder, batch_file, checkpointing, steps, device, precision = args.worker
+        return worker(impl, folder, batch_file, checkpointing == "1", int(steps), device, precision)
+    hw = hardware.resolve(args.device, args.precision)
+    print(hw.describe(), flush=True)  # what this run measured on, before anything else
+    memory = "peak GPU memory" if hw.device.type == "cuda" else "peak RSS"
 
     from safetensors.torch import save_file
     scratch = tempfile.TemporaryDirectory()  # checkpoints and runs, gigabytes: removed when main() ends
@@ -134,21 +177,21 @@ def main():
     ids, labels = make_batch(4, 256)
     save_file({"input_ids": ids, "labels": labels}, tmp / "batch.safetensors")
     print(f"batch 4 x 256 of real pairs: {int((labels[:, 1:] != IGNORE_INDEX).sum())} of {ids.numel() - 4} "
-          "next-token positions have a target (the rest are prompt)\n")
+          "next-token positions have a target (the rest are prompt)\n", flush=True)
     rows = []
     for cname in args.configs:
         folder = tmp / cname
-        write_checkpoint(CONFIGS[cname], folder)
+        write_checkpoint(CONFIGS[cname], folder, hw.dtype)
         for checkpointing in (False, True):
-            r = {}  # processes alternate (ours, peft, ours, peft): each keeps its best time and highest RSS
+            r = {}  # processes alternate (ours, peft, ours, peft): each keeps its best time and highest memory
             for impl in ("ours", "peft") * args.rounds:
-                one = run(impl, folder, tmp / "batch.safetensors", checkpointing, args.steps)
+                one = run(impl, folder, tmp / "batch.safetensors", checkpointing, args.steps, hw)
                 best = r.setdefault(impl, one)
                 best["seconds"] = min(best["seconds"], one["seconds"])
-                best["peak_rss"] = max(best["peak_rss"], one["peak_rss"])
+                best["peak_memory"] = max(best["peak_memory"], one["peak_memory"])
             row = (cname, "on" if checkpointing else "off", r["ours"], r["peft"])
             rows.append(row)
-            _print(row)
+            _print(row, memory)
     if args.full:
         full = Path(args.full_dir)
         if not (full / "model.safetensors.index.json").exists():
@@ -158,26 +201,27 @@ def main():
         save_file({"input_ids": ids, "labels": labels}, tmp / "batch512.safetensors")
         ids1, labels1 = make_batch(1, 256)
         save_file({"input_ids": ids1, "labels": labels1}, tmp / "batch1.safetensors")
-        ours = run("ours", full, tmp / "batch512.safetensors", True, 0)
-        ref = run("peft", full, tmp / "batch1.safetensors", True, 0)
+        ours = run("ours", full, tmp / "batch512.safetensors", True, 0, hw)
+        ref = run("peft", full, tmp / "batch1.safetensors", True, 0, hw)
         print(f"\nfull 32-layer Phi-2, checkpointing, one step: ours at 4 x 512: {ours['seconds']:.0f} s, "
-              f"peak RSS {ours['peak_rss'] / 1e9:.1f} GB; transformers + peft at 1 x 256: {ref['seconds']:.0f} s, "
-              f"peak RSS {ref['peak_rss'] / 1e9:.1f} GB")
+              f"{memory} {ours['peak_memory'] / 1e9:.1f} GB; transformers + peft at 1 x 256: {ref['seconds']:.0f} s, "
+              f"{memory} {ref['peak_memory'] / 1e9:.1f} GB")
 
-    print("\n| config | checkpointing | ours s/step | peft s/step | speed-up | ours tokens/s | "
-          "ours peak RSS | peft peak RSS |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| config | checkpointing | ours s/step | peft s/step | speed-up | ours tokens/s | "
+          f"ours {memory} | peft {memory} |\n|---|---|---|---|---|---|---|---|")
     for cname, ckpt, ours, ref in rows:
         print(f"| {cname} | {ckpt} | {ours['seconds']:.2f} | {ref['seconds']:.2f} | "
               f"{ref['seconds'] / ours['seconds']:.2f}x | {1024 / ours['seconds']:.0f} | "
-              f"{ours['peak_rss'] / 1e9:.2f} GB | {ref['peak_rss'] / 1e9:.2f} GB |")
+              f"{ours['peak_memory'] / 1e9:.2f} GB | {ref['peak_memory'] / 1e9:.2f} GB |")
 
 
-def _print(row):
+def _print(row, memory):
     cname, ckpt, ours, ref = row
     print(f"{cname:13s} checkpointing {ckpt:3s}: ours {ours['seconds']:.2f} s/step ({1024 / ours['seconds']:.0f} "
-          f"tok/s, {ours['peak_rss'] / 1e9:.2f} GB), peft {ref['seconds']:.2f} s/step ({1024 / ref['seconds']:.0f} "
-          f"tok/s, {ref['peak_rss'] / 1e9:.2f} GB), x{ref['seconds'] / ours['seconds']:.2f}", flush=True)
+          f"tok/s, {memory} {ours['peak_memory'] / 1e9:.2f} GB), peft {ref['seconds']:.2f} s/step "
+          f"({1024 / ref['seconds']:.0f} tok/s, {memory} {ref['peak_memory'] / 1e9:.2f} GB), "
+          f"x{ref['seconds'] / ours['seconds']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("train_step.py", main, parse_args)
