@@ -6,6 +6,7 @@ that prompt alone would. Layout after gpt-fast's generate.py (sample / prefill /
 Left out on purpose: beam search, repetition penalties, speculative decoding.
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,10 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    # a draw from probs as argmax(p / E) with E ~ Exp(1): torch.multinomial checks its input on the host,
+    # a wait for the device at every step of a sampled decode on a GPU
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)  # (B,)
 
 
 def prefill(model: Phi2, idx, mask=None, position_ids=None, head=None):
@@ -55,6 +59,26 @@ def decode_one_token(model: Phi2, token, pos: int, mask=None, position_ids=None,
     h = model.hidden_states(token[:, None], input_pos, mask, position_ids, kv_len=pos + 1)  # (B, 1, C)
     head = model.lm_head if head is None else head
     return head(h[:, -1])
+
+
+def decode_static(model: Phi2, token, input_pos, key_ok, slots, position_ids=None, head=None):
+    """decode_one_token with every shape fixed, for torch.compile: attention over all S slots of the cache,
+    with slots not yet written (or padded) masked; input_pos (1,) is a device tensor, key_ok (B, S) marks
+    the slots that hold real tokens, slots is arange(S). Logits (B, V)."""
+    mask = (key_ok & (slots <= input_pos))[:, None, None, :]  # (B, 1, 1, S)
+    h = model.hidden_states(token[:, None], input_pos, mask, position_ids, kv_len=slots.numel())  # (B, 1, C)
+    return (model.lm_head if head is None else head)(h[:, -1])
+
+
+STATIC_BUCKET = 128  # cache slots are rounded up to a multiple: prompts of other lengths reuse a compiled graph
+compile_stats = {"seconds": 0.0, "graphs": 0}  # what compiling cost this process: first calls of each shape
+_compiled, _compiled_shapes = {}, set()
+
+
+def _compiled_decode(backend: str):
+    if backend not in _compiled:
+        _compiled[backend] = torch.compile(decode_static, backend=backend, dynamic=False)
+    return _compiled[backend]
 
 
 def left_padding(valid):
@@ -91,13 +115,17 @@ def _releasable(text, stop_strings):
 
 @torch.inference_mode()
 def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k=None, top_p=None,
-             seed=None, eos_id=None, tokenizer=None, stop_strings=(), callback=None, head=None) -> list[Completion]:
+             seed=None, eos_id=None, tokenizer=None, stop_strings=(), callback=None, head=None,
+             compile=False) -> list[Completion]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Rows stop at eos_id or at any of stop_strings (which need a tokenizer). callback(row, text) receives
     each row's text as it becomes final, in pieces. Rows of different lengths are left-padded: their rotary
     positions start at 0 and padded slots are masked, so a row does not depend on the others. head: a
     module mapping hidden states to logits (a stage-2 head adapter) for this call, instead of the model's.
+    compile: True (inductor) or a torch.compile backend name: decode steps run compiled over a static cache
+    (the same tokens as eager up to rounding; the first call of each batch size and cache bucket compiles,
+    and compile_stats counts what that cost).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -119,7 +147,14 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
         mask, position_ids = left_padding(valid)
         key_valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)  # (B, T + new)
 
-    model.setup_kv_cache(B, T + max_new_tokens, device=device)
+    S = T + max_new_tokens
+    if compile:  # a static cache: its length rounded up, so that other prompt lengths reuse the graph
+        S = min(context, -(-S // STATIC_BUCKET) * STATIC_BUCKET)
+        slots = torch.arange(S, device=device)
+        key_ok = torch.cat([valid, valid.new_ones(B, S - T)], dim=1)  # (B, S)
+        input_pos = torch.full((1,), T - 1, device=device)
+        decode = _compiled_decode("inductor" if compile is True else compile)
+    model.setup_kv_cache(B, S, device=device)
     try:
         token = sample(prefill(model, idx, mask, position_ids, head), temperature, top_k, top_p, generator)
 
@@ -129,7 +164,17 @@ def generate(model: Phi2, prompts, max_new_tokens=128, *, temperature=0.0, top_k
             if padded:
                 mask = key_valid[:, None, None, : T + i + 1]  # (B, 1, 1, S)
                 position_ids = position_ids[:, -1:] + 1  # (B, 1)
-            logits = decode_one_token(model, token, T + i, mask, position_ids, head)
+            if compile:
+                input_pos.add_(1)  # slot T + i, counted on the device
+                shape = (B, S, padded, head is None)
+                t = time.perf_counter() if shape not in _compiled_shapes else None
+                logits = decode(model, token, input_pos, key_ok, slots, position_ids, head)
+                if t is not None:
+                    _compiled_shapes.add(shape)
+                    compile_stats["seconds"] += time.perf_counter() - t
+                    compile_stats["graphs"] += 1
+            else:
+                logits = decode_one_token(model, token, T + i, mask, position_ids, head)
             return sample(logits, temperature, top_k, top_p, generator)
 
         if stop_strings or callback:

@@ -103,3 +103,17 @@ def test_cli_exits_with_one_line(tiny_checkpoint, tmp_path):
     r = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path / "nope"), "hi"],
                        capture_output=True, text=True, cwd=generate.__file__.rsplit("/", 1)[0])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("generate.py: error:")
+
+
+def test_compile_gives_the_eager_rewrites_and_says_what_compiling_cost(tiny_checkpoint, capsys, monkeypatch):
+    import torch
+
+    import phi2.generation as gen
+    # inductor is what --compile uses; aot_eager runs the same static-cache graph without minutes of compiling
+    monkeypatch.setattr(gen, "_compiled_decode", lambda backend: torch.compile(gen.decode_static, backend="aot_eager"))
+    argv = ["--model", tiny_checkpoint, "--max-new-tokens", 10, "--precision", "fp32", "--json", "Write a plan",
+            "Explain taxes to a child"]
+    eager, _, _ = run(capsys, *argv)
+    compiled, _, err = run(capsys, *argv, "--compile")
+    assert [r["output"] for r in compiled] == [r["output"] for r in eager]
+    assert "compiling the decode step took" in err

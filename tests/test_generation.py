@@ -140,3 +140,18 @@ def test_bad_requests(tiny_cfg):
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(model, [[1]], 4, stop_strings=["x"])
     assert len(generate(model, [[1] * 60], 100)[0].ids) == 4  # clipped to the context
+
+
+def test_compiled_static_cache_decoding_gives_the_eager_tokens(tiny_cfg):
+    """generate(compile=...) decodes over a static, masked cache; aot_eager runs that same graph in seconds
+    (inductor, generate.py --compile's backend, compiles it to the same ops)."""
+    from phi2.generation import compile_stats
+    model = phi2.build_model(tiny_cfg).eval()
+    for prompts in (_prompts(tiny_cfg.vocab_size, lengths=(6, 10)), _prompts(tiny_cfg.vocab_size, lengths=(9,))):
+        eager = [c.ids for c in generate(model, prompts, 15)]
+        graphs = compile_stats["graphs"]
+        assert [c.ids for c in generate(model, prompts, 15, compile="aot_eager")] == eager
+        assert compile_stats["graphs"] == graphs + 1  # a new batch size: one more graph, timed
+    graphs = compile_stats["graphs"]
+    shorter = [c.ids for c in generate(model, prompts, 12, compile="aot_eager")]  # same batch, same bucket
+    assert shorter == [ids[:12] for ids in eager] and compile_stats["graphs"] == graphs  # no new compile
