@@ -7,16 +7,25 @@ one line. Every flag has help text, and --help shows each default.
 """
 
 import argparse
+import math
 import sys
 
 from hardware import DEVICES, PRECISIONS
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, "", a switch that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == "" or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose description is the first line of a module docstring and whose help shows defaults."""
-    return argparse.ArgumentParser(description=doc.strip().splitlines()[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=_ShowDefaults)
 
 
 def add_hardware_args(p: argparse.ArgumentParser):
@@ -32,7 +41,7 @@ def _number(kind, low, low_ok, name):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value != value or value < low or (value == low and not low_ok):  # NaN, or out of range
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
             raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low}")
         return value
     parse.__name__ = name  # argparse names the type in its messages
@@ -43,6 +52,13 @@ positive_int = _number(int, 1, True, "positive integer")
 count = _number(int, 0, True, "count")
 positive_float = _number(float, 0.0, False, "positive number")
 nonnegative_float = _number(float, 0.0, True, "non-negative number")
+
+
+def probability(text):
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 1")
+    return value
 
 
 def fraction(text):
@@ -59,7 +75,7 @@ def run(name: str, main, parse_args, argv=None, on_interrupt=""):
         return main(parse_args(argv))
     except UsageError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"{name}: interrupted{on_interrupt}", file=sys.stderr)
         sys.exit(130)

@@ -60,6 +60,12 @@ def cpu_bf16_native() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 (compute capability 8.0, Ampere, or newer). torch's
+    is_bf16_supported() also says yes where bf16 is only emulated (a T4), and asks about the current device."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def available_devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available():
@@ -95,7 +101,7 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     """(precision, reason) for --precision auto on device."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported():
+        if cuda_bf16_native(device):
             return "bf16", f"{name} computes in bf16"
         return "fp16", f"{name} has no bf16: fp16 autocast with a gradient scaler"
     if device.type == "mps":
@@ -128,7 +134,7 @@ def resolve(device: str = "auto", precision: str = "auto") -> Hardware:
                    "--precision auto picks fp32 here")
     elif dev.type == "cpu" and precision == "fp16":
         warning = "--precision fp16 on a CPU: fp16 matmuls are slow on CPUs; --precision auto picks " + chosen
-    elif dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    elif dev.type == "cuda" and precision == "bf16" and not cuda_bf16_native(dev):
         warning = "--precision bf16 on a GPU without native bf16: it is emulated and slow; auto picks fp16"
     if warning and warning not in _warned:
         _warned.add(warning)

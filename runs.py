@@ -75,6 +75,11 @@ class TrainingError(UsageError):
     """A run that cannot start or go on."""
 
 
+class RunInterrupted(TrainingError):
+    """Ctrl-C, after the run was saved: exit status 130, as for any interrupted command."""
+    exit_code = 130
+
+
 def add_run_args(p: argparse.ArgumentParser, d: RunConfig):
     """The flags of RunConfig's fields, with d's defaults (--data, --run-dir and the model flags are the trainer's)."""
     p.add_argument("--prompt-field", default=d.prompt_field, help="the field holding the original prompt")
@@ -143,6 +148,12 @@ class Run:
             raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
                                 "--run-dir")
         self.hw = hardware.resolve(cfg.device, cfg.precision)
+        if cfg.resume:
+            saved = json.loads((self.folder / "train_config.json").read_text()).get("hardware", {})
+            if saved.get("precision", self.hw.precision) != self.hw.precision:
+                raise TrainingError(f"{self.folder} was trained in {saved['precision']} on {saved.get('device')}, "
+                                    f"but here --precision {cfg.precision} means {self.hw.precision}; resume with "
+                                    f"--precision {saved['precision']}")
         print(self.hw.describe(), file=sys.stderr)
         torch.manual_seed(cfg.seed)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -168,6 +179,10 @@ class Run:
         if cfg.resume:
             self.step, self.best_val = self.load_state()
             trim_log(self.folder / "metrics.jsonl", self.step)
+            if self.step >= self.total_steps or self.step == cfg.stop_after:
+                raise TrainingError(f"{self.folder} is already at step {self.step}, with nothing left to do up to "
+                                    f"{min(self.total_steps, cfg.stop_after or self.total_steps)}; raise --max-steps, "
+                                    "--epochs or --stop-after")
         else:
             saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict()}
             write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
@@ -177,14 +192,15 @@ class Run:
               f"{self.total_steps} steps; batch {cfg.batch_size} x grad-accum {cfg.grad_accum} = global batch "
               f"{cfg.batch_size * cfg.grad_accum}", file=sys.stderr)
         self.log = open(self.folder / "metrics.jsonl", "a")
-        if self.step == 0 and val:
+        if self.step == 0 and val and not cfg.resume:
             self.best_val = evaluate()
             self.log.write(json.dumps({"step": 0, "val_loss": self.best_val}) + "\n")
             if initial_is_best:
                 save(self.out)
         self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr)
         self.pending = []  # (record, loss, grad_norm) of steps not yet written: tensors still on the device
-        self.step_loss, self.updating, self.clock = None, False, time.perf_counter()
+        self.unwritten = []  # checked records not yet in the log
+        self.step_loss, self.updating, self.in_step, self.clock = None, False, False, time.perf_counter()
 
     def steps(self):
         """The micro-batches of each optimizer step still to run, with that step's learning rate set."""
@@ -194,6 +210,8 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.plan = {"epoch": epoch, "lr": lr}
+            self.rng_at_step = self.rng_state()  # what a Ctrl-C inside this step saves: it is replayed whole
+            self.in_step = True
             yield micro_batches
 
     def __enter__(self):
@@ -203,15 +221,19 @@ class Run:
         """Close the log and the bar; on Ctrl-C, save the run if it stopped between steps and say how to go on."""
         try:
             if kind is KeyboardInterrupt and not self.updating:
-                self.write(self.check())
-                self.save_state()
+                self.write(self.unwritten + self.check())
+                self.save_state(rng=self.rng_at_step if self.in_step else None)
         finally:
             self.bar.close()
             self.log.close()
         if kind is KeyboardInterrupt:
-            where = (f"during step {self.step + 1}'s update; the last checkpoint in {self.folder} is kept"
-                     if self.updating else f"after step {self.step}, saved in {self.folder}")
-            raise TrainingError(f"interrupted {where}; continue with --resume") from None
+            if self.updating:
+                kept = (f"the last checkpoint in {self.folder} is kept" if (self.folder / "state.safetensors").exists()
+                        else "no checkpoint was written yet")
+                raise RunInterrupted(f"interrupted during step {self.step + 1}'s update; {kept}; continue with "
+                                     "--resume") from None
+            raise RunInterrupted(f"interrupted after step {self.step}, saved in {self.folder}; continue with "
+                                 "--resume") from None
 
     def backward(self, loss):
         """loss.backward() (through the gradient scaler in fp16); the loss stays on the device for the log."""
@@ -233,7 +255,7 @@ class Run:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.updating = False
+        self.updating = self.in_step = False
         self.pending.append(({"step": self.step, **self.plan, **extra}, self.step_loss, grad_norm))
         self.step_loss = None
         self.bar.update()
@@ -242,17 +264,21 @@ class Run:
         evaluate = self.has_val and (self.step % cfg.eval_interval == 0 or last)
         save = self.step % cfg.save_interval == 0 or last
         if evaluate or save or self.step % cfg.log_interval == 0:
-            records = self.check()
+            self.unwritten = self.check()  # written by __exit__ if Ctrl-C comes during validation or saving
             if evaluate:
-                records[-1]["val_loss"] = self.evaluate()
-                if records[-1]["val_loss"] < self.best_val:
-                    self.best_val = records[-1]["val_loss"]
+                val_loss = self.evaluate()
+                if val_loss < self.best_val:
                     self.save(self.out)
-            self.write(records)
+                    self.best_val = val_loss  # only once out holds those weights
+                self.unwritten[-1]["val_loss"] = val_loss
+            self.write(self.unwritten)
+            self.unwritten = []
         if save:
             self.save_state()
             self.save(self.folder / f"last{self.out.suffix}")  # last/ beside best/, or last.safetensors
-        if last and not self.out.exists():  # no validation set: the last weights are the best we know
+            if not self.has_val:  # no validation set: the latest weights are the best we know
+                self.save(self.out)
+        if last and not self.out.exists():  # validation never beat the start: the last weights stand in
             self.save(self.out)
         if evaluate or save:
             self.clock = time.perf_counter()  # the next steps' time starts now, not before validation or saving
@@ -263,18 +289,20 @@ class Run:
         Nothing is saved then: the last checkpoint on disk stays the last good one."""
         if not self.pending:
             return []
-        seconds = (time.perf_counter() - self.clock) / len(self.pending)  # the device's time, spread over the steps since the last wait
         values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in self.pending]).tolist()
         # a NaN or an inf makes its tensor's sum non-finite (finite weights overflow it only past ~1e30 each);
         # isfinite() would allocate boolean copies of every parameter: 2 s a step on a full 131M-number head
         weights_ok = bool(torch.stack([p.detach().sum() for p in self.params.values()]).isfinite().all())
+        seconds = (time.perf_counter() - self.clock) / len(self.pending)  # the device's time, after the wait
         records = []
-        for (record, _, _), (loss, norm) in zip(self.pending, values):
-            if not math.isfinite(loss) or not (self.scaler or math.isfinite(norm)) or not weights_ok:
+        for i, ((record, _, _), (loss, norm)) in enumerate(zip(self.pending, values)):
+            bad_step = not math.isfinite(loss) or not (self.scaler or math.isfinite(norm))
+            if bad_step or (not weights_ok and i == len(self.pending) - 1):
+                self.write(records)  # the good steps before it
+                what = f"loss {loss:.4g}, gradient norm {norm:.4g}" if bad_step else "a weight is not finite"
                 hint = "a lower --lr" + (" or --precision fp32" if self.hw.precision != "fp32" else "")
-                raise TrainingError(f"training diverged at step {record['step']} (loss {loss:.4g}, gradient norm "
-                                    f"{norm:.4g}); stopped, and the last good checkpoint is kept in {self.folder}; "
-                                    f"try {hint}")
+                raise TrainingError(f"training diverged at step {record['step']} ({what}); stopped, and the last "
+                                    f"good checkpoint is kept in {self.folder}; try {hint}")
             record.update(loss=loss, seconds=seconds)
             if "tokens" in record:
                 record["tokens_per_s"] = record["tokens"] / seconds
@@ -290,15 +318,20 @@ class Run:
 
     # ---------------------------------------------------------------------- checkpoints (safetensors only)
 
-    def save_state(self):
-        """Trainable weights, AdamW moments, gradient scale and RNG in one safetensors file, written atomically."""
+    def rng_state(self) -> dict:
+        state = {"rng.torch": torch.get_rng_state()}
+        if self.hw.device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state(self.hw.device)
+        return state
+
+    def save_state(self, rng=None):
+        """Trainable weights, AdamW moments, gradient scale and RNG (now, or rng as taken earlier) in one
+        safetensors file, written atomically."""
         tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
         for n, p in self.params.items():
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"adam.{key}.{n}"] = value.detach().reshape(-1).contiguous() if key == "step" else value
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.hw.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.hw.device)
+        tensors.update(rng or self.rng_state())
         metadata = {"step": str(self.step), "best_val": repr(self.best_val), "base_fingerprint": self.base_fingerprint}
         if self.scaler:
             metadata["scaler"] = json.dumps(self.scaler.state_dict())

@@ -100,7 +100,7 @@ def main(cfg: TrainConfig) -> dict:
                 with run.hw.autocast():
                     loss, _ = model.loss(to_device(ids, run.hw.device), labels)
                 run.backward(loss / n_targets)
-            run.optimizer_step(tokens=sum(ids.numel() for ids, _ in batches))
+            run.optimizer_step(tokens=sum(len(train[i].input_ids) for idx in micro_batches for i in idx))
     return {"step": run.step, "best_val_loss": run.best_val, "model": model}
 
 

@@ -28,7 +28,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4" if not cuda_bf16 else "H200")
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if cuda_bf16 else (7, 5))
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
         monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
         monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: cpu_bf16)

@@ -106,3 +106,23 @@ def test_refusals(data, tmp_path):
 def test_cli_parses_the_papers_settings():
     cfg = train_sft.parse_args(["--rank", "32", "--model", "tiny"])
     assert cfg.rank == 32 and cfg.alpha == 64.0 and cfg.lora_modules == lora.DEFAULT_MODULES and cfg.precision == "auto"
+
+
+def test_without_validation_out_holds_the_final_weights_after_a_resume(data, tmp_path):
+    cfg = dict(val_fraction=0.0, max_steps=4, save_interval=10)
+    train_sft.main(config(data, tmp_path, stop_after=2, **cfg))
+    train_sft.main(config(data, tmp_path, resume=True, **cfg))
+    from safetensors.torch import load_file
+    out, last = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("best", "last"))
+    assert out.keys() == last.keys() and all(torch.equal(out[k], last[k]) for k in out)
+    with pytest.raises(runs.TrainingError, match="already at step 4, with nothing left to do"):
+        train_sft.main(config(data, tmp_path, resume=True, **cfg))
+
+
+def test_resume_refuses_an_auto_precision_that_resolves_differently(data, tmp_path, monkeypatch):
+    import hardware
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: False)
+    train_sft.main(config(data, tmp_path, max_steps=3, stop_after=1, device="cpu"))
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: True)  # the same run, resumed on an AMX machine
+    with pytest.raises(runs.TrainingError, match="was trained in fp32 on cpu, but here --precision auto means bf16"):
+        train_sft.main(config(data, tmp_path, max_steps=3, resume=True, device="cpu"))
