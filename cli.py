@@ -41,8 +41,10 @@ def _number(kind, low, low_ok, name):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or value < low or (value == low and not low_ok):
-            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low:g}")
         return value
     parse.__name__ = name  # argparse names the type in its messages
     return parse

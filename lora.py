@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.fused import Dropout, Linear, autocast_dtype
 from phi2.model import Phi2
-from phi2.weights import fingerprint
+from phi2.weights import check_finite, fingerprint, open_checked
 
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")  # the papers': attention and MLP
 PEFT_PREFIX = "base_model.model.model."  # peft's name for our `layers.*` (PeftModel > PhiForCausalLM > PhiModel)
@@ -164,7 +163,12 @@ def read_adapter_config(folder) -> dict:
     if not path.exists():
         raise AdapterError(f"{path}: missing; a LoRA adapter folder holds adapter_config.json and "
                            "adapter_model.safetensors")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{path}: not valid JSON; the adapter folder is damaged") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: not a JSON object; the adapter folder is damaged")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are read")
     for key, default in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False),
@@ -174,6 +178,10 @@ def read_adapter_config(folder) -> dict:
         value = config.get(key)
         if value and value != default:  # absent, empty or the default: fine
             raise AdapterError(f"{path}: {key}={value!r} is not supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise AdapterError(f"{path}: r must be a positive integer and lora_alpha a positive number, got "
+                           f"r={r!r}, lora_alpha={alpha!r}")
     if not isinstance(config.get("target_modules"), list):
         raise AdapterError(f"{path}: target_modules must be a list of module names, got "
                            f"{config.get('target_modules')!r}")
@@ -187,6 +195,7 @@ def copy_checked(params: dict, tensors: dict, file, error=AdapterError):
         if tensors[key].shape != param.shape:
             raise error(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this base needs "
                         f"{tuple(param.shape)}; it was made for another model")
+        check_finite(tensors[key], file, key, error)
         param.copy_(tensors[key])
 
 
@@ -201,7 +210,7 @@ def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
     file = folder / "adapter_model.safetensors"
     if not file.exists():
         raise AdapterError(f"{file}: missing (weights only travel as safetensors; adapter_model.bin is not read)")
-    with safe_open(file, framework="pt") as f:
+    with open_checked(file, AdapterError) as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     expected = metadata.get("phi2_base_fingerprint")

@@ -64,11 +64,12 @@ class RunConfig:
     seed: int = 1337
     resume: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this step; --resume continues
+    overwrite: bool = False  # a fresh run may replace an existing --out
 
 
 # Settings that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "resume", "stop_after",
-                     "device"}
+                     "device", "overwrite"}
 
 
 class TrainingError(UsageError):
@@ -104,6 +105,7 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig):
     p.add_argument("--seed", type=int, default=d.seed, help="data split, batch order, initialisation, dropout")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--stop-after", type=cli.positive_int, help="stop after this step; continue later with --resume")
+    p.add_argument("--overwrite", action="store_true", help="let a new run replace an existing --out")
 
 
 def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
@@ -114,9 +116,12 @@ def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def encode_split(tokenizer, pairs, cfg: RunConfig) -> tuple[list, list]:
+def encode_split(tokenizer, pairs, cfg: RunConfig, context: int) -> tuple[list, list]:
     """The seeded train/validation split, tokenized; says how many examples --max-len dropped, and stops
-    if none is left to train on."""
+    if none is left to train on. context: the model's, which --max-len may not pass."""
+    if cfg.max_len > context:
+        raise TrainingError(f"--max-len {cfg.max_len} is longer than the model's context of {context} tokens; "
+                            f"use --max-len {context} or less")
     train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
     train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
     val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
@@ -147,6 +152,9 @@ class Run:
         elif (self.folder / "state.safetensors").exists():
             raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
                                 "--run-dir")
+        elif self.out.exists() and not cfg.overwrite:
+            raise TrainingError(f"{self.out} already exists (a trained adapter or head?); a new run would replace it: "
+                                "choose another --out, or pass --overwrite")
         self.hw = hardware.resolve(cfg.device, cfg.precision)
         if cfg.resume:
             saved = json.loads((self.folder / "train_config.json").read_text()).get("hardware", {})
@@ -157,6 +165,7 @@ class Run:
         print(self.hw.describe(), file=sys.stderr)
         torch.manual_seed(cfg.seed)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.wrote_out = cfg.resume and self.out.exists()  # whether out holds this run's weights
 
     def begin(self, params: dict, train: list, val: list, base_fingerprint: str, *, what: str, evaluate, save,
               initial_is_best=False):
@@ -196,7 +205,7 @@ class Run:
             self.best_val = evaluate()
             self.log.write(json.dumps({"step": 0, "val_loss": self.best_val}) + "\n")
             if initial_is_best:
-                save(self.out)
+                self.save_out()
         self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr)
         self.pending = []  # (record, loss, grad_norm) of steps not yet written: tensors still on the device
         self.unwritten = []  # checked records not yet in the log
@@ -268,7 +277,7 @@ class Run:
             if evaluate:
                 val_loss = self.evaluate()
                 if val_loss < self.best_val:
-                    self.save(self.out)
+                    self.save_out()
                     self.best_val = val_loss  # only once out holds those weights
                 self.unwritten[-1]["val_loss"] = val_loss
             self.write(self.unwritten)
@@ -277,9 +286,9 @@ class Run:
             self.save_state()
             self.save(self.folder / f"last{self.out.suffix}")  # last/ beside best/, or last.safetensors
             if not self.has_val:  # no validation set: the latest weights are the best we know
-                self.save(self.out)
-        if last and not self.out.exists():  # validation never beat the start: the last weights stand in
-            self.save(self.out)
+                self.save_out()
+        if last and not self.wrote_out:  # validation never beat the start: the last weights stand in
+            self.save_out()
         if evaluate or save:
             self.clock = time.perf_counter()  # the next steps' time starts now, not before validation or saving
 
@@ -309,6 +318,10 @@ class Run:
             records.append(record)
         self.pending, self.clock = [], time.perf_counter()
         return records
+
+    def save_out(self):
+        self.save(self.out)
+        self.wrote_out = True
 
     def write(self, records: list[dict]):
         self.log.writelines(json.dumps(r) + "\n" for r in records)

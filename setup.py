@@ -15,7 +15,7 @@ setup(
     install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.8", "numpy", "tqdm"],
     extras_require={
         # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
-        "test": ["pytest", "transformers>=5.0,<6", "peft>=0.17"],
+        "test": ["pytest", "hypothesis", "transformers>=5.0,<6", "peft>=0.17"],
         "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil"],
     },
 )

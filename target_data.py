@@ -5,18 +5,20 @@ endpoint with an instruction to improve it, and (prompt, improved) pairs are wri
         --model mistral-small-latest --api-key-env MISTRAL_API_KEY --out data/mistral.jsonl
 
 Made for thousands of prompts: at most --concurrency requests in flight; 429, 5xx, timeouts and dropped
-connections are retried with exponential backoff (honouring Retry-After); each result is appended and
+connections are retried with exponential backoff (honouring Retry-After, up to 120 s); each result is appended and
 flushed as it arrives, so a crash loses nothing, and a rerun skips the prompts already done (and retries
 the ones that failed). The API key is read from an environment variable and never printed or written.
 Standard library HTTP only.
 """
 
+import http.client
 import json
 import os
 import random
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -50,6 +52,28 @@ class TargetDataConfig:
     temperature: float = 0.7
     max_tokens: int = 512
     limit: int | None = None  # only the first N prompts
+
+
+MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this, so none can hang a run
+
+
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the endpoint's origin: the API key goes to no other host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            raise TargetDataError(f"{req.full_url} redirected (HTTP {code}) to another origin, "
+                                  f"{urllib.parse.urlsplit(newurl).netloc}; refused, so that the API key goes "
+                                  "nowhere else: give the final URL as --base-url")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_SameOriginRedirects)
 
 
 class TargetDataError(UsageError):
@@ -95,7 +119,7 @@ class Client:
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 delay = self.cfg.retry_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # jitter
-                self.sleep(max(delay, last.retry_after or 0.0))
+                self.sleep(max(delay, min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
             try:
                 return self._call(prompt)
             except _Retryable as e:
@@ -112,7 +136,7 @@ class Client:
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": f"Bearer {self.key}"})
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.timeout) as response:
+            with _opener.open(request, timeout=self.cfg.timeout) as response:
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as e:
             detail = self.redact(e.read(300).decode("utf-8", "replace").strip())
@@ -124,7 +148,8 @@ class Client:
                 raise _Retryable(f"HTTP {e.code} {detail[:120]}",
                                  float(retry_after) if retry_after and retry_after.isdigit() else None) from None
             raise RequestFailed(f"HTTP {e.code} {detail[:200]}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as e:
+            # HTTPException: a malformed status line or a body cut short; a failed request, retried
             raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
         except json.JSONDecodeError:
             raise _Retryable("the response was not JSON") from None
@@ -134,7 +159,7 @@ class Client:
             raise _Retryable("the response had no choices[0].message.content") from None
         if not text:
             raise _Retryable("the response was empty")
-        return text
+        return self.redact(text)  # a server that echoes the key gets it written as *** and nowhere else
 
 
 class _Retryable(Exception):
@@ -144,20 +169,27 @@ class _Retryable(Exception):
 
 
 def load_done(out: Path) -> set:
-    """Prompts already in the output; a last line cut short by a crash is removed first."""
+    """Prompts already in the output. Every complete line is checked first; only then is a last line cut
+    short by a crash removed, so that a file of something else is refused untouched."""
     if not out.exists():
         return set()
     data = out.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(out, "r+b") as f:  # drop the partial line so that appended records start on a new one
-            f.truncate(len(complete))
     done = set()
-    for n, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+    try:
+        lines = complete.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise TargetDataError(f"{out}: not a file of this script (not UTF-8); choose another --out") from None
+    for n, line in enumerate(lines, 1):
         try:
             done.add(json.loads(line)["prompt"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise TargetDataError(f"{out}:{n}: not a record of this script; choose another --out") from None
+    if len(complete) != len(data):
+        if not lines:  # nothing of ours in it: a file of something else, left as it is
+            raise TargetDataError(f"{out}: not a file of this script; choose another --out")
+        with open(out, "r+b") as f:  # drop the partial line so that appended records start on a new one
+            f.truncate(len(complete))
     return done
 
 

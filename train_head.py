@@ -67,7 +67,7 @@ def main(cfg: HeadConfig) -> dict:
     run = runs.Run(cfg, cfg.out)
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, run.hw.dtype, run.hw.device)
-    train, val = runs.encode_split(tokenizer, pairs, cfg)
+    train, val = runs.encode_split(tokenizer, pairs, cfg, model.config.block_size)
 
     # the head adapter: fp32 master weights, the only parameters that train
     head = HeadAdapter(model.lm_head, cfg.head_rank, dtype=torch.float32)

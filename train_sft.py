@@ -10,6 +10,7 @@ offline, whose base and tokenizer are written to <run-dir>/base.
 """
 
 import argparse
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def main(cfg: TrainConfig) -> dict:
     base_dir = prepare_base(cfg, pairs, run.folder)
     model = phi2.load_model(base_dir, dtype=run.hw.dtype, device=run.hw.device)
     tokenizer = phi2.load_tokenizer(base_dir)
-    train, val = runs.encode_split(tokenizer, pairs, cfg)
+    train, val = runs.encode_split(tokenizer, pairs, cfg, model.config.block_size)
 
     # LoRA on the frozen base; only its A and B train
     base_fingerprint = fingerprint(model)
@@ -122,12 +123,16 @@ def prepare_base(cfg: TrainConfig, pairs, folder: Path) -> Path:
                                      "with a random-init tiny model")
         return base
     base = folder / "base"
-    if not (base / "config.json").exists():
-        config = phi2.PRESETS["tiny"]
+    if not (base / "config.json").exists():  # written whole into a scratch folder, then renamed: a run
+        config = phi2.PRESETS["tiny"]        # killed meanwhile leaves no half base to be taken for one
         texts = [format_prompt(p.prompt) + format_answer(p.improved) for p in pairs]
-        base.mkdir(parents=True, exist_ok=True)
-        phi2.train_tokenizer(texts, config.vocab_size).save(base)
-        phi2.save_hf_checkpoint(phi2.build_model(config, seed=cfg.seed), base)
+        scratch = folder / ".base.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        phi2.train_tokenizer(texts, config.vocab_size).save(scratch)
+        phi2.save_hf_checkpoint(phi2.build_model(config, seed=cfg.seed), scratch)
+        shutil.rmtree(base, ignore_errors=True)  # a folder without config.json: an older half-written one
+        scratch.rename(base)
     return base
 
 

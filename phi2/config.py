@@ -96,8 +96,13 @@ class Phi2Config:
         def fail(msg):
             raise ConfigError(f"{source}: {msg}")
 
+        if not isinstance(hf, dict):
+            fail(f"not a JSON object but {type(hf).__name__}; a checkpoint's config.json is an object of settings")
+        for key, kind in (("architectures", list), ("rope_parameters", dict)):
+            if hf.get(key) is not None and not isinstance(hf[key], kind):
+                fail(f"{key!r} is {hf[key]!r}; it must be a JSON {'list' if kind is list else 'object'}")
         model_type = hf.get("model_type")
-        if model_type == "mixformer-sequential" or "MixFormerSequentialForCausalLM" in hf.get("architectures", []):
+        if model_type == "mixformer-sequential" or "MixFormerSequentialForCausalLM" in (hf.get("architectures") or []):
             fail("the old MixFormerSequentialForCausalLM remote-code format is not supported; "
                  "download the current microsoft/phi-2 revision, whose config.json has model_type 'phi'")
         if model_type != "phi":
@@ -135,6 +140,22 @@ class Phi2Config:
         if get("tie_word_embeddings"):
             fail("tied input and output embeddings are not supported (Phi-2's lm_head is separate)")
 
+        def number(key, value, kind):  # a string or a bool where config.json needs a number stops here
+            ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+            if not ok or isinstance(value, bool) or (kind is int and value <= 0) or not value == value:
+                what = "a positive integer" if kind is int else "a number"
+                fail(f"{key!r} is {value!r}; it must be {what}")
+            return value
+
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                    "max_position_embeddings"):
+            number(key, get(key), int)
+        if hf.get("num_key_value_heads") is not None:
+            number("num_key_value_heads", hf["num_key_value_heads"], int)
+        for key in ("layer_norm_eps", "resid_pdrop", "embd_pdrop", "attention_dropout"):
+            number(key, get(key), float)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            number(key, get(key, rope), float)
         n_embd, n_head = get("hidden_size"), get("num_attention_heads")
         head_dim = n_embd // n_head
         if hf.get("head_dim") not in (None, head_dim):

@@ -67,13 +67,22 @@ def hf_to_ours(n_layer: int) -> dict:
     return table
 
 
-def open_checked(path: Path):
-    """safe_open on path (pread backend), with a damaged file named in one line."""
+def check_finite(tensor, path, name, error=None):
+    """Refuse a tensor holding NaN or inf. Its fp32 sum is non-finite then (finite weights would need values
+    past ~1e30 to overflow it): one pass as the tensor is read, no boolean copy of it."""
+    if not torch.isfinite(tensor.sum(dtype=torch.float32)):
+        raise (error or CheckpointError)(f"{path}: tensor {name!r} holds NaN or infinite values; the file is "
+                                         "damaged (or was saved from a diverged run): use another copy")
+
+
+def open_checked(path: Path, error=None):
+    """safe_open on path (pread backend), with a damaged file named in one line (as `error`, by default a
+    CheckpointError)."""
     try:
         return safe_open(path, framework="pt", backend="pread")
     except SafetensorError as e:
         reason = next((ours for theirs, ours in _DAMAGE.items() if theirs in str(e)), "unreadable header")
-        raise CheckpointError(f"{path}: not a safetensors file ({reason}); download it again") from None
+        raise (error or CheckpointError)(f"{path}: not a safetensors file ({reason}); download it again") from None
 
 
 def read_header(path: Path) -> dict:
@@ -148,6 +157,7 @@ def load_weights(model: Phi2, folder) -> None:
                     raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, but config.json implies "
                                           f"{tuple(param.shape)}")
                 tensor = f.get_tensor(name)  # fresh memory (pread), not a view of the file
+                check_finite(tensor, path, name, CheckpointError)
                 if tensor.dtype == param.dtype and param.device == tensor.device:
                     param.data = tensor  # the storage itself: no copy
                 else:

@@ -1,0 +1,122 @@
+"""Property tests of every reader of user files: whatever the bytes, the result is a correct value or one
+UsageError (whose message the CLIs print as one line), never another exception or a hang."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import head_adapter  # noqa: E402
+import lora  # noqa: E402
+import phi2  # noqa: E402
+from phi2.errors import UsageError  # noqa: E402
+from prompts import read_pairs, read_prompts  # noqa: E402
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                        max_size=4), max_leaves=10)
+texts = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(lambda t: t.encode("utf-8")),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.lists(json_values.map(json.dumps), max_size=5).map(lambda lines: "\n".join(lines).encode()),
+    st.tuples(st.sampled_from([b"\xef\xbb\xbf", b""]), st.sampled_from([b"\r\n", b"\n"]),
+              st.lists(st.text(max_size=30), max_size=5)).map(
+        lambda t: t[0] + t[1].join(line.encode() for line in ["prompt,improved", *t[2]])),
+)
+
+
+@FAST
+@given(data=texts, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]))
+def test_data_readers(tmp_path, data, suffix):
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(data)
+    for read in (read_pairs, read_prompts):
+        try:
+            result = read(path)
+        except UsageError as e:
+            assert "\n" not in str(e).strip() or str(path) in str(e)
+        else:
+            assert isinstance(result, list)
+
+
+config_keys = ["model_type", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "num_key_value_heads", "layer_norm_eps", "rope_theta",
+               "partial_rotary_factor", "rope_parameters", "rope_scaling", "hidden_act", "qk_layernorm",
+               "tie_word_embeddings", "resid_pdrop", "architectures", "head_dim"]
+
+
+@FAST
+@given(changes=st.dictionaries(st.sampled_from(config_keys), json_values, max_size=4), whole=json_values)
+def test_config_reader(tmp_path, changes, whole):
+    for content in ({**phi2.PRESETS["tiny"].to_hf_dict(), **changes}, whole):
+        (tmp_path / "config.json").write_text(json.dumps(content))
+        try:
+            config = phi2.Phi2Config.from_hf_json(tmp_path / "config.json")
+        except UsageError:
+            continue
+        assert isinstance(config, phi2.Phi2Config) and config.n_embd % config.n_head == 0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz-ckpt")
+    config = phi2.Phi2Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=8, intermediate_size=16, vocab_size=32,
+                             block_size=16, rotary_dim=4)
+    phi2.save_hf_checkpoint(phi2.build_model(config), folder)
+    return folder, (folder / "model.safetensors").read_bytes()
+
+
+@FAST
+@given(cut=st.integers(0, 4000), header_len=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+       patch=st.tuples(st.integers(0, 4000), st.binary(min_size=1, max_size=16)))
+def test_safetensors_loader(checkpoint, cut, header_len, patch):
+    folder, good = checkpoint
+    data = bytearray(good[:cut] if cut < len(good) else good)
+    if header_len is not None and len(data) >= 8:
+        data[:8] = struct.pack("<Q", header_len)
+    at, junk = patch
+    data[at:at + len(junk)] = junk
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    try:
+        model = phi2.load_model(folder)
+    except UsageError:
+        pass
+    else:
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    finally:
+        (folder / "model.safetensors").write_bytes(good)
+
+
+@FAST
+@given(data=st.binary(max_size=400), tensors=st.dictionaries(st.text(max_size=30), st.integers(1, 4), max_size=3),
+       metadata=st.dictionaries(st.sampled_from(["format", "base_fingerprint", "stage1_adapter", "head_rank",
+                                                 "target", "phi2_base_fingerprint"]), st.text(max_size=20), max_size=4))
+def test_head_and_adapter_files(tmp_path, checkpoint, data, tensors, metadata):
+    folder, _ = checkpoint
+    model = phi2.load_model(folder)
+    head = tmp_path / "h.safetensors"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                            "target_modules": ["q_proj"]}))
+    for content in ("raw", "tensors"):
+        if content == "raw":
+            head.write_bytes(data)
+        else:
+            save_file({k: torch.zeros(n) for k, n in tensors.items()}, head, metadata=metadata)
+        (adapter / "adapter_model.safetensors").write_bytes(head.read_bytes())
+        with pytest.raises(UsageError):
+            head_adapter.load_head(head, model, "fp", "none")
+        try:
+            lora.load_adapter(phi2.load_model(folder), adapter)
+        except UsageError:
+            pass

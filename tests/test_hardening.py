@@ -1,0 +1,236 @@
+"""Issue 16's findings that are fixed, each tried the way an attacker or a careless user would: a redirect
+that would carry the API key away, a key echoed back, a Retry-After of days, a malformed response, a damaged
+checkpoint or adapter, a config.json with a string for a number, and flags out of range."""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import phi2
+import runs
+import target_data
+import train_head
+import train_sft
+from tests.test_target_data import KEY, FakeLLM
+
+REPLY = {"choices": [{"message": {"role": "assistant", "content": "Improved."}}]}
+
+
+class Server:
+    """A server on 127.0.0.1 whose POST handler is `respond(handler)`; records each request's headers."""
+
+    def __init__(self, respond):
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append(dict(self.headers))
+                respond(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def reply(handler, status, payload, headers=()):
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    for k, v in headers:
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.fixture
+def servers():
+    made = []
+    yield lambda respond: made.append(Server(respond)) or made[-1]
+    for s in made:
+        s.close()
+
+
+def run_target_data(url, tmp_path, monkeypatch, sleep=time.sleep):
+    """target_data.main on one prompt against url; sleep: what backoff sleeps with."""
+    monkeypatch.setenv("TEST_KEY", KEY)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a prompt\n")
+    cfg = target_data.TargetDataConfig(base_url=url, model="m", out=str(tmp_path / "out.jsonl"), data=str(prompts),
+                                       api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0)
+    return target_data.main(cfg, sleep=sleep)
+
+
+def test_a_redirect_to_another_origin_is_refused_and_gets_no_key(servers, tmp_path, monkeypatch):
+    elsewhere = servers(lambda h: reply(h, 200, REPLY))
+    redirecting = servers(lambda h: reply(h, 302, {}, [("Location", elsewhere.url + "/v1/chat/completions")]))
+    # another port is another origin: the key must not go there, and its answer must not become data
+    with pytest.raises(target_data.TargetDataError, match="redirected .* to another origin.*refused"):
+        run_target_data(redirecting.url + "/v1", tmp_path, monkeypatch)
+    assert elsewhere.requests == [] and not (tmp_path / "out.jsonl").read_text()
+
+
+def test_a_key_echoed_in_an_answer_never_reaches_the_output(tmp_path, monkeypatch):
+    server = FakeLLM()
+    # the fake improves prompts as "Improved: <prompt>": a prompt holding the key makes the server echo it
+    monkeypatch.setenv("TEST_KEY", KEY)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"please repeat {KEY}\n")
+    cfg = target_data.TargetDataConfig(base_url=server.url, model="target-1", out=str(tmp_path / "out.jsonl"),
+                                       data=str(prompts), api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0)
+    try:
+        target_data.main(cfg)
+    finally:
+        server.close()
+    record = json.loads((tmp_path / "out.jsonl").read_text())
+    assert KEY not in record["improved"] and record["improved"] == "Improved: please repeat ***"
+
+
+def test_retry_after_is_capped(servers, tmp_path, monkeypatch):
+    calls = []
+    server = servers(lambda h: reply(h, 429, {}, [("Retry-After", "864000")]) if not calls.append(1) and len(calls) == 1
+                     else reply(h, 200, REPLY))
+    slept = []
+    assert run_target_data(server.url + "/v1", tmp_path, monkeypatch, sleep=slept.append)["written"] == 1
+    assert slept and max(slept) == target_data.MAX_RETRY_AFTER  # ten days asked, two minutes given
+
+
+def test_a_malformed_status_line_or_a_cut_body_is_retried(tmp_path, monkeypatch):
+    """A raw socket server: first a garbage status line, then a body shorter than its Content-Length, then
+    a good answer. The run writes the pair, with no traceback."""
+    body = json.dumps(REPLY).encode()
+    answers = [b"garbage\r\n\r\n",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + body[:10],
+               b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        for answer in answers:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answer)
+            time.sleep(0.05)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        assert run_target_data(url, tmp_path, monkeypatch)["written"] == 1
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, bad):
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.fc1.weight"][3, 5] = bad
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(phi2.CheckpointError, match="tensor 'model.layers.1.mlp.fc1.weight' holds NaN or infinite"):
+        phi2.load_model(folder)
+
+
+def test_an_adapter_with_non_finite_weights_is_refused(tiny_checkpoint, tmp_path):
+    import lora
+    model = lora.inject(phi2.load_model(tiny_checkpoint), rank=2, alpha=4.0)
+    lora.save_adapter(model, tmp_path / "adapter")
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    name = next(iter(tensors))
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, file)
+    with pytest.raises(lora.AdapterError, match="holds NaN or infinite values"):
+        lora.load_adapter(phi2.load_model(tiny_checkpoint), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "2560"), ("num_hidden_layers", 2.5),
+                                        ("layer_norm_eps", "1e-5"), ("vocab_size", True)])
+def test_config_with_the_wrong_type_is_one_line(tmp_path, key, value):
+    hf = phi2.PRESETS["tiny"].to_hf_dict()
+    hf[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(phi2.ConfigError, match=f"'{key}' is {value!r}; it must be a"):
+        phi2.Phi2Config.from_hf_json(tmp_path / "config.json")
+
+
+def test_max_len_beyond_the_context_stops_before_training(tmp_path):
+    with pytest.raises(runs.TrainingError, match="--max-len 4096 is longer than the model's context of 512"):
+        train_sft.main(train_sft.TrainConfig(model="tiny", run_dir=str(tmp_path), max_len=4096, max_steps=2))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-clip", "-1"], "argument --grad-clip: -1 must be above 0"),  # was gradient ascent
+    (["--grad-clip", "0"], "argument --grad-clip: 0 must be above 0"),  # trained nothing
+    (["--batch-size", "-2"], "argument --batch-size: -2 must be at least 1"),  # losses 0
+    (["--max-steps", "0"], "argument --max-steps: 0 must be at least 1"),  # was ignored
+    (["--epochs", "0"], "argument --epochs: 0 must be at least 1"),  # saved an untrained best/
+    (["--lr", "inf"], "argument --lr: inf is not a finite number"),
+    (["--batch-size", "two"], "argument --batch-size: 'two' is not an integer"),
+])
+def test_out_of_range_flags_are_refused_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train_sft.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_target_name_cannot_leave_its_folder():
+    with pytest.raises(runs.TrainingError, match="a target's name is letters, digits and"):
+        train_head.HeadConfig(target="../../x", data="d.jsonl")
+
+
+def test_a_new_run_never_replaces_an_existing_head(tmp_path):
+    from prompts import DATA_DIR, DEFAULT_DATA
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:40]))
+    train_sft.main(train_sft.TrainConfig(model="tiny", data=str(data), run_dir=str(tmp_path / "sft"), max_steps=2,
+                                         batch_size=4, grad_accum=1, rank=2))
+    out = tmp_path / "concise.safetensors"
+    out.write_bytes(b"a trained head, hours of work")
+    cfg = dict(target="concise", data=str(DATA_DIR / "targets" / "concise.jsonl"), lora=str(tmp_path / "sft" / "best"),
+               out=str(out), run_dir=str(tmp_path / "head"), max_steps=2, batch_size=8, grad_accum=1, max_len=256)
+    with pytest.raises(runs.TrainingError, match="already exists .* choose another --out, or pass --overwrite"):
+        train_head.main(train_head.HeadConfig(**cfg))
+    assert out.read_bytes() == b"a trained head, hours of work"
+    train_head.main(train_head.HeadConfig(**cfg, overwrite=True))
+    assert out.read_bytes() != b"a trained head, hours of work"
+
+
+def test_an_unrelated_output_file_is_refused_untouched(servers, tmp_path, monkeypatch):
+    server = servers(lambda h: reply(h, 200, REPLY))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"my notes\nsecond line without a newline")
+    monkeypatch.setenv("TEST_KEY", KEY)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a prompt\n")
+    cfg = target_data.TargetDataConfig(base_url=server.url + "/v1", model="m", out=str(out), data=str(prompts),
+                                       api_key_env="TEST_KEY")
+    with pytest.raises(target_data.TargetDataError, match="out.jsonl:1: not a record of this script"):
+        target_data.main(cfg)
+    assert out.read_bytes() == b"my notes\nsecond line without a newline"
+
+
+def test_a_base_killed_while_being_written_is_never_taken_for_one(tmp_path, monkeypatch):
+    def killed(model, folder, **kw):  # the config lands, then the process dies before the weights
+        (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(phi2, "save_hf_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.prepare_base(train_sft.TrainConfig(model="tiny"), [], tmp_path)
+    assert not (tmp_path / "base").exists()
