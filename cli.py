@@ -18,7 +18,8 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show (None, "", a switch that is off)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default == "" or action.default is False or "default" in (action.help or ""):
+        nothing = action.default is None or action.default == "" or action.default is False
+        if nothing or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -6,10 +6,11 @@
 Only the adapter and the head copy are trained, on pairs the target LLM itself improved ("Designing
 Universal Prompts for LLM"); at initialisation the logits are bit-identical to the base model's. A head
 composes with the model from outside, `head(model.hidden_states(x))`, and goes to generate() per call,
-so one loaded model serves several targets. The file holds only the head's tensors and metadata: the target's name, the base's
-config and weight fingerprint, the stage-1 adapter it was trained on, the sizes. `head_rank` swaps the
-full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of the frozen base head, which
-is what makes a file small (README: "Head files"). Left out: per-target tokenizers or vocabularies.
+so one loaded model serves several targets. The file holds only the head's tensors and metadata: the
+target's name, the base's config and weight fingerprint, the stage-1 adapter it was trained on, the
+sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of
+the frozen base head, which is what makes a file small (README: "Head files"). Left out: per-target
+tokenizers or vocabularies.
 """
 
 import dataclasses

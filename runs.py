@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ import cli
 import hardware
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
+from phi2.weights import open_checked
 from prompts import DataError, batch_order, encode_pairs, split
 
 
@@ -88,7 +88,8 @@ def add_run_args(p: argparse.ArgumentParser, d: RunConfig):
     p.add_argument("--epochs", type=cli.positive_int, default=d.epochs, help="passes over the training split")
     p.add_argument("--max-steps", type=cli.positive_int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=cli.positive_float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=cli.nonnegative_float, default=d.min_lr, help="learning rate at the end of the cosine")
+    p.add_argument("--min-lr", type=cli.nonnegative_float, default=d.min_lr,
+                   help="learning rate at the end of the cosine")
     p.add_argument("--warmup-steps", type=cli.count, default=d.warmup_steps, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=d.weight_decay, help="AdamW's decoupled decay")
     p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="examples per micro-batch")
@@ -148,7 +149,7 @@ class Run:
         run makes (the best adapter or head), saved whenever validation improves."""
         self.cfg, self.folder, self.out = cfg, Path(cfg.run_dir), Path(out)
         if cfg.resume:
-            check_resumable(cfg, self.folder)
+            saved = check_resumable(cfg, self.folder)
         elif (self.folder / "state.safetensors").exists():
             raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
                                 "--run-dir")
@@ -157,11 +158,11 @@ class Run:
                                 "choose another --out, or pass --overwrite")
         self.hw = hardware.resolve(cfg.device, cfg.precision)
         if cfg.resume:
-            saved = json.loads((self.folder / "train_config.json").read_text()).get("hardware", {})
-            if saved.get("precision", self.hw.precision) != self.hw.precision:
-                raise TrainingError(f"{self.folder} was trained in {saved['precision']} on {saved.get('device')}, "
+            was = saved.get("hardware", {})
+            if was.get("precision", self.hw.precision) != self.hw.precision:
+                raise TrainingError(f"{self.folder} was trained in {was['precision']} on {was.get('device')}, "
                                     f"but here --precision {cfg.precision} means {self.hw.precision}; resume with "
-                                    f"--precision {saved['precision']}")
+                                    f"--precision {was['precision']}")
         print(self.hw.describe(), file=sys.stderr)
         torch.manual_seed(cfg.seed)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -354,7 +355,7 @@ class Run:
     def load_state(self) -> tuple[int, float]:
         """Restore what save_state wrote, each tensor on its parameter's device; returns (step, best val loss)."""
         path = self.folder / "state.safetensors"
-        with safe_open(path, framework="pt") as f:
+        with open_checked(path, TrainingError) as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if metadata.get("base_fingerprint") != self.base_fingerprint:
@@ -378,8 +379,9 @@ class Run:
         return int(metadata["step"]), float(metadata["best_val"])
 
 
-def check_resumable(cfg: RunConfig, folder: Path):
-    """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES)."""
+def check_resumable(cfg: RunConfig, folder: Path) -> dict:
+    """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES); returns the
+    saved train_config.json."""
     if not (folder / "state.safetensors").exists():
         raise TrainingError(f"{folder}: nothing to resume (no state.safetensors); start without --resume")
     saved = json.loads((folder / "train_config.json").read_text())
@@ -388,6 +390,7 @@ def check_resumable(cfg: RunConfig, folder: Path):
         if key not in RESUMABLE_CHANGES and saved.get(key) != value:
             raise TrainingError(f"{folder} was started with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
                                 "resume with the same settings or choose another --run-dir")
+    return saved
 
 
 def trim_log(path: Path, step: int):

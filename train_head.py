@@ -19,7 +19,7 @@ import runs
 from hardware import to_device
 from head_adapter import HeadAdapter, load_prompter, save_head
 from phi2.model import answer_rows
-from prompts import collate, read_pairs
+from prompts import IGNORE_INDEX, collate, read_pairs
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -87,7 +87,7 @@ def main(cfg: HeadConfig) -> dict:
             rows, targets = answer_rows(h, labels)
             # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
             rows = rows.to(run.hw.dtype)
-            counts = (labels[:, 1:] != -100).sum(dim=1).tolist()  # on the CPU: no sync
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
             fresh = dict(zip(todo, zip(rows.split(counts), targets.split(counts))))
             if cfg.no_cache:
                 return _cat([fresh[i] for i in idx])

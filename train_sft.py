@@ -47,7 +47,8 @@ class TrainConfig(runs.RunConfig):
 def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     p = cli.parser(__doc__)
-    p.add_argument("--model", default=d.model, help="Phi-2 checkpoint folder, or 'tiny' for an offline random-init model")
+    p.add_argument("--model", default=d.model,
+                   help="Phi-2 checkpoint folder, or 'tiny' for an offline random-init model")
     p.add_argument("--data", default=d.data, help=".jsonl, .json or .csv file of prompt pairs")
     p.add_argument("--run-dir", default=d.run_dir, help="the run's folder: state, log, last adapter")
     p.add_argument("--out", help="the best adapter's folder (default: <run-dir>/best)")

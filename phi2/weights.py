@@ -85,17 +85,16 @@ def open_checked(path: Path, error=None):
         raise (error or CheckpointError)(f"{path}: not a safetensors file ({reason}); download it again") from None
 
 
-def read_header(path: Path) -> dict:
-    """{name: (dtype, shape)} for each tensor of a safetensors file."""
+def read_header(f, path: Path) -> dict:
+    """{name: (dtype, shape)} for each tensor of the safetensors file f (opened by open_checked) at path."""
     header = {}
-    with open_checked(path) as f:
-        for name in f.keys():
-            info = f.get_slice(name)
-            dtype = DTYPES.get(info.get_dtype())
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}; only "
-                                      f"{', '.join(DTYPES)} are read")
-            header[name] = dtype, tuple(info.get_shape())
+    for name in f.keys():
+        info = f.get_slice(name)
+        dtype = DTYPES.get(info.get_dtype())
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info.get_dtype()}; only "
+                                  f"{', '.join(DTYPES)} are read")
+        header[name] = dtype, tuple(info.get_shape())
     return header
 
 
@@ -115,7 +114,8 @@ def checkpoint_files(folder: Path) -> dict:
         return files
     single = folder / "model.safetensors"
     if single.exists():
-        return {name: single for name in read_header(single)}
+        with open_checked(single) as f:
+            return {name: single for name in f.keys()}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise CheckpointError(f"{folder}: only pickled weights (*.bin/*.pt) found; weights are only read from "
                               "safetensors (never unpickled): download the model.safetensors files")
@@ -146,8 +146,8 @@ def load_weights(model: Phi2, folder) -> None:
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     for path, names in sorted(by_file.items()):
-        header = read_header(path)
         with open_checked(path) as f:
+            header = read_header(f, path)
             for name in names:
                 if name not in header:
                     raise CheckpointError(f"{path}: has no tensor {name!r}, though the index puts it there")
