@@ -10,18 +10,27 @@ A trainer keeps what is its own: the model, the data, and the forward and backwa
 
     with run:
         for micro_batches in run.steps():
-            for batch in micro_batches: ... run.backward(loss / n_targets)
-            run.optimizer_step(tokens=...)
+            for idx in micro_batches:  # this process's share of the step
+                run.backward(run.loss(...))  # through DDP when under torchrun
+            run.optimizer_step()
+
+Under torchrun (ddp.py) each process takes every W-th micro-batch of a step, the gradients are summed
+across processes in the last micro-batch's backward, and only rank 0 writes; a step means the same
+examples and the same update whatever the number of processes, for the same global batch.
 
 Nothing here waits for the device except every --log-interval steps, and at validation and checkpoints:
 the losses and gradient norms of the steps between stay on the device until then.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +40,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
+import ddp
 import hardware
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.weights import open_checked
-from prompts import DataError, batch_order, encode_pairs, split
+from prompts import IGNORE_INDEX, DataError, batch_order, encode_pairs, split
 
 
 @dataclass
@@ -66,6 +76,9 @@ class RunConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this step; --resume continues
     overwrite: bool = False  # a fresh run may replace an existing --out
 
+
+# Tests set this to make the last process SIGKILL itself right after that step, between checkpoints.
+KILL_AT_STEP = int(os.environ.get("PHI2_PROMPTER_KILL_AT_STEP", "0"))
 
 # Settings that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "resume", "stop_after",
@@ -117,142 +130,233 @@ def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def encode_split(tokenizer, pairs, cfg: RunConfig, context: int) -> tuple[list, list]:
-    """The seeded train/validation split, tokenized; says how many examples --max-len dropped, and stops
-    if none is left to train on. context: the model's, which --max-len may not pass."""
-    if cfg.max_len > context:
-        raise TrainingError(f"--max-len {cfg.max_len} is longer than the model's context of {context} tokens; "
-                            f"use --max-len {context} or less")
-    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
-    train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
-    val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
-    if dropped + dropped_val:
-        print(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}",
-              file=sys.stderr)
-    if not train:
-        raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
-    return train, val
+def global_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each optimizer step of one epoch, each list sorted by length (so that its
+    micro-batches pad little). A pure function of the global batch: how it is split into micro-batches
+    and processes changes which examples share a forward pass, never which make up a step."""
+    return [sorted(b, key=lambda i: lengths[i]) for b in batch_order(lengths, global_batch, seed, epoch)]
 
 
-def step_plan(step: int, cfg: RunConfig, lengths: list[int], steps_per_epoch: int, total_steps: int):
-    """(epoch, micro-batches as lists of example indices, learning rate) of optimizer step `step`."""
+def step_plan(step: int, cfg: RunConfig, lengths: list[int], steps_per_epoch: int, total_steps: int,
+              world_size: int = 1):
+    """(epoch, the step's micro-batches as lists of example indices, learning rate) of optimizer step `step`."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = batch_order(lengths, cfg.batch_size, cfg.seed, epoch)
-    return epoch, order[k * cfg.grad_accum:(k + 1) * cfg.grad_accum], get_lr(step, cfg, total_steps)
+    batch = global_batches(lengths, cfg.batch_size * cfg.grad_accum * world_size, cfg.seed, epoch)[k]
+    micro_batches = [batch[i:i + cfg.batch_size] for i in range(0, len(batch), cfg.batch_size)]
+    return epoch, micro_batches, get_lr(step, cfg, total_steps)
+
+
+class LossOf(torch.nn.Module):
+    """module.loss(...) as a forward pass: DistributedDataParallel syncs the gradients of what its forward
+    computed, so a trainer calls the loss through it (run.loss)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module.loss(*args)
 
 
 class Run:
     """A training run in its folder: started fresh, or resumed with the settings it began with."""
 
     def __init__(self, cfg: RunConfig, out: Path):
-        """Check the folder, resolve the hardware and print it (the run's first line). out: the artefact the
-        run makes (the best adapter or head), saved whenever validation improves."""
+        """Check the folder, resolve the hardware, join the other processes under torchrun, and print the
+        run's first line. out: the artefact the run makes (the best adapter or head), saved whenever
+        validation improves."""
         self.cfg, self.folder, self.out = cfg, Path(cfg.run_dir), Path(out)
+        self.world = world = ddp.from_env()
         if cfg.resume:
-            saved = check_resumable(cfg, self.folder)
+            saved = check_resumable(cfg, self.folder, world.size)
         elif (self.folder / "state.safetensors").exists():
             raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
                                 "--run-dir")
         elif self.out.exists() and not cfg.overwrite:
             raise TrainingError(f"{self.out} already exists (a trained adapter or head?); a new run would replace it: "
                                 "choose another --out, or pass --overwrite")
-        self.hw = hardware.resolve(cfg.device, cfg.precision)
+        self.hw = hardware.resolve(ddp.device_name(cfg.device, world), cfg.precision)
         if cfg.resume:
             was = saved.get("hardware", {})
             if was.get("precision", self.hw.precision) != self.hw.precision:
                 raise TrainingError(f"{self.folder} was trained in {was['precision']} on {was.get('device')}, "
                                     f"but here --precision {cfg.precision} means {self.hw.precision}; resume with "
                                     f"--precision {was['precision']}")
-        print(self.hw.describe(), file=sys.stderr)
-        torch.manual_seed(cfg.seed)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        ddp.start(world, self.hw.device)
+        world.barrier()  # every process has checked the folder before rank 0 writes to it
+        processes = f" x {world.size} processes" if world.size > 1 else ""
+        self.say(f"{self.hw.describe()}; batch {cfg.batch_size} x grad-accum {cfg.grad_accum}{processes} = global "
+                 f"batch {self.global_batch}")
+        torch.manual_seed(cfg.seed)  # the same initialisation in every process
+        if world.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.wrote_out = cfg.resume and self.out.exists()  # whether out holds this run's weights
 
-    def begin(self, params: dict, train: list, val: list, base_fingerprint: str, *, what: str, evaluate, save,
-              initial_is_best=False):
-        """AdamW over params, the schedule over train, and on --resume the saved state.
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size
 
-        evaluate() -> mean validation loss per token; save(path) writes the trained tensors to path.
-        initial_is_best: save the untrained parameters as the best so far (a head's identity start is a
-        valid head; an untrained LoRA is not worth a file).
-        """
+    def say(self, message: str):
+        """One line on stderr, from rank 0 only."""
+        if self.world.is_main:
+            print(message, file=sys.stderr)
+
+    def encode(self, tokenizer, pairs, context: int) -> tuple[list, list]:
+        """The seeded train/validation split, tokenized; says how many examples --max-len dropped, and stops
+        if none is left to train on. context: the model's, which --max-len may not pass."""
         cfg = self.cfg
+        if cfg.max_len > context:
+            raise TrainingError(f"--max-len {cfg.max_len} is longer than the model's context of {context} tokens; "
+                                f"use --max-len {context} or less")
+        train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
+        train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
+        val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
+        if dropped + dropped_val:
+            self.say(f"dropped {dropped + dropped_val} of {len(pairs)} examples longer than --max-len {cfg.max_len}")
+        if not train:
+            raise DataError(f"{cfg.data}: no training example fits in --max-len {cfg.max_len}")
+        return train, val
+
+    def begin(self, module, params: dict, train: list, val: list, base_fingerprint: str, *, what: str, evaluate,
+              save, initial_is_best=False):
+        """AdamW over params (module's trainable parameters), the schedule over train, and on --resume the
+        saved state. module.loss(...) becomes run.loss(...), under DDP when there are several processes.
+
+        evaluate() -> mean validation loss per token (over run.shard's batches, then run.mean); save(path)
+        writes the trained tensors to path (called on rank 0 only). initial_is_best: save the untrained
+        parameters as the best so far (a head's identity start is a valid head; an untrained LoRA is not
+        worth a file).
+        """
+        cfg, world = self.cfg, self.world
         self.params, self.evaluate, self.save, self.has_val = params, evaluate, save, bool(val)
         self.base_fingerprint = base_fingerprint
+        self.loss = ddp.wrap(LossOf(module), world, self.hw.device)
         # fused: one kernel for all tensors; the per-tensor loop costs ~1 s a step on Phi-2's 137M head parameters
         self.optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(self.hw.device.type) if self.hw.needs_scaler else None
         self.lengths = [len(e.input_ids) for e in train]
-        self.steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
+        self.answer_tokens = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train]
+        self.steps_per_epoch = len(batch_order(self.lengths, self.global_batch, cfg.seed, 0))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step, self.best_val = 0, float("inf")
+        if world.rank > 0:  # dropout differs between processes; rank 0 keeps the one-process stream
+            torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
         if cfg.resume:
             self.step, self.best_val = self.load_state()
-            trim_log(self.folder / "metrics.jsonl", self.step)
+            if world.is_main:
+                trim_log(self.folder / "metrics.jsonl", self.step)
             if self.step >= self.total_steps or self.step == cfg.stop_after:
                 raise TrainingError(f"{self.folder} is already at step {self.step}, with nothing left to do up to "
                                     f"{min(self.total_steps, cfg.stop_after or self.total_steps)}; raise --max-steps, "
                                     "--epochs or --stop-after")
-        else:
-            saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict()}
+        elif world.is_main:
+            saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict(), "processes": world.size}
             write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
             (self.folder / "metrics.jsonl").write_text("")
         n_params = sum(p.numel() for p in params.values())
-        print(f"{what}: {len(train)} training / {len(val)} validation examples, {n_params:,} trainable parameters, "
-              f"{self.total_steps} steps; batch {cfg.batch_size} x grad-accum {cfg.grad_accum} = global batch "
-              f"{cfg.batch_size * cfg.grad_accum}", file=sys.stderr)
-        self.log = open(self.folder / "metrics.jsonl", "a")
+        self.say(f"{what}: {len(train)} training / {len(val)} validation examples, {n_params:,} trainable "
+                 f"parameters, {self.total_steps} steps")
+        self.log = open(self.folder / "metrics.jsonl", "a") if world.is_main else None
         if self.step == 0 and val and not cfg.resume:
             self.best_val = evaluate()
-            self.log.write(json.dumps({"step": 0, "val_loss": self.best_val}) + "\n")
+            self.write([{"step": 0, "val_loss": self.best_val}])
             if initial_is_best:
                 self.save_out()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr)
+        self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", file=sys.stderr,
+                        disable=not world.is_main)
         self.pending = []  # (record, loss, grad_norm) of steps not yet written: tensors still on the device
         self.unwritten = []  # checked records not yet in the log
         self.step_loss, self.updating, self.in_step, self.clock = None, False, False, time.perf_counter()
 
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """Every micro-batch of an epoch, over all processes."""
+        B = self.cfg.batch_size
+        return [batch[i:i + B] for batch in global_batches(self.lengths, self.global_batch, self.cfg.seed, epoch)
+                for i in range(0, len(batch), B)]
+
+    def plan_of(self, step: int):
+        return step_plan(step, self.cfg, self.lengths, self.steps_per_epoch, self.total_steps, self.world.size)
+
     def steps(self):
-        """The micro-batches of each optimizer step still to run, with that step's learning rate set."""
+        """For each optimizer step still to run, with its learning rate set: this process's micro-batches."""
         cfg = self.cfg
         while self.step < self.total_steps and self.step != cfg.stop_after:
-            epoch, micro_batches, lr = step_plan(self.step, cfg, self.lengths, self.steps_per_epoch, self.total_steps)
+            epoch, micro_batches, lr = self.plan_of(self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.plan = {"epoch": epoch, "lr": lr}
+            examples = [i for idx in micro_batches for i in idx]
+            self.step_targets = sum(self.answer_tokens[i] for i in examples)  # every process knows the whole step
+            self.plan = {"epoch": epoch, "lr": lr, "tokens": sum(self.lengths[i] for i in examples),
+                         "targets": self.step_targets}
             self.rng_at_step = self.rng_state()  # what a Ctrl-C inside this step saves: it is replayed whole
             self.in_step = True
-            yield micro_batches
+            yield self.share(micro_batches)
+
+    def share(self, micro_batches):
+        """This process's micro-batches of a step (every W-th), each inside DDP's no_sync but the last, whose
+        backward all-reduces the step's gradients."""
+        mine = micro_batches[self.world.rank::self.world.size]
+        self.stand_in = not mine
+        if self.stand_in:  # a short last step left this process none: one example, with no weight, keeps it
+            mine = [micro_batches[0][:1]]  # in the all-reduce that every process must join
+        for i, idx in enumerate(mine):
+            last = i == len(mine) - 1
+            with contextlib.nullcontext() if last or self.world.size == 1 else self.loss.no_sync():
+                yield idx
+
+    def shard(self, items):
+        """This process's share of validation batches; run.mean adds the shares up."""
+        return items[self.world.rank::self.world.size]
+
+    def mean(self, total: float, count: int) -> float:
+        """total / count, each summed over the processes."""
+        sums = self.world.sum_(torch.tensor([total, count], dtype=torch.float64, device=self.hw.device))
+        total, count = sums.tolist()
+        return total / max(count, 1)
 
     def __enter__(self):
+        # SIGTERM (torchrun stopping the others when one process fails, a cluster's scheduler) as Ctrl-C
+        main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set it
+        self.sigterm = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         return self
 
     def __exit__(self, kind, error, traceback):
         """Close the log and the bar; on Ctrl-C, save the run if it stopped between steps and say how to go on."""
+        if self.sigterm is not None:
+            signal.signal(signal.SIGTERM, self.sigterm)
+        several = self.world.size > 1  # processes interrupted at different points cannot meet to save
         try:
-            if kind is KeyboardInterrupt and not self.updating:
+            if kind is KeyboardInterrupt and not self.updating and not several:
                 self.write(self.unwritten + self.check())
                 self.save_state(rng=self.rng_at_step if self.in_step else None)
         finally:
             self.bar.close()
-            self.log.close()
+            if self.log:
+                self.log.close()
         if kind is KeyboardInterrupt:
-            if self.updating:
+            if self.updating or several:
                 kept = (f"the last checkpoint in {self.folder} is kept" if (self.folder / "state.safetensors").exists()
                         else "no checkpoint was written yet")
-                raise RunInterrupted(f"interrupted during step {self.step + 1}'s update; {kept}; continue with "
-                                     "--resume") from None
+                raise RunInterrupted(f"interrupted during step {self.step + 1}; {kept}; continue with --resume") \
+                    from None
             raise RunInterrupted(f"interrupted after step {self.step}, saved in {self.folder}; continue with "
                                  "--resume") from None
+        if kind is not None and issubclass(kind, torch.distributed.DistError):
+            raise TrainingError(f"lost contact with another process during step {self.step + 1} ({error}); the last "
+                                f"checkpoint in {self.folder} is kept; continue with --resume") from None
 
     def backward(self, loss):
-        """loss.backward() (through the gradient scaler in fp16); the loss stays on the device for the log."""
+        """Backward of a micro-batch's summed loss as its share of the step's mean over every answer token of
+        every process (through the gradient scaler in fp16); the share stays on the device for the log."""
+        loss = loss * 0.0 if self.stand_in else loss / self.step_targets
         self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        if self.world.size > 1:
+            loss = loss * self.world.size  # DDP averages the processes' gradients; the step's is their sum
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def optimizer_step(self, **extra):
+    def optimizer_step(self):
         """Clip, step and zero the gradients; then, on their intervals, check for divergence and write the log,
-        validate (saving the best), and checkpoint. extra: numbers for this step's log record."""
+        validate (saving the best), and checkpoint."""
         cfg, optimizer = self.cfg, self.optimizer
         self.updating = True  # an interrupt from here to the end of the update leaves no consistent state
         if self.scaler:
@@ -266,7 +370,9 @@ class Run:
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.updating = self.in_step = False
-        self.pending.append(({"step": self.step, **self.plan, **extra}, self.step_loss, grad_norm))
+        if self.step == KILL_AT_STEP and self.world.rank == self.world.size - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the tests: the last process dies here
+        self.pending.append(({"step": self.step, **self.plan}, self.step_loss, grad_norm))
         self.step_loss = None
         self.bar.update()
 
@@ -285,7 +391,7 @@ class Run:
             self.unwritten = []
         if save:
             self.save_state()
-            self.save(self.folder / f"last{self.out.suffix}")  # last/ beside best/, or last.safetensors
+            self.on_main(self.save, self.folder / f"last{self.out.suffix}")  # last/ beside best/, or last.safetensors
             if not self.has_val:  # no validation set: the latest weights are the best we know
                 self.save_out()
         if last and not self.wrote_out:  # validation never beat the start: the last weights stand in
@@ -294,12 +400,16 @@ class Run:
             self.clock = time.perf_counter()  # the next steps' time starts now, not before validation or saving
 
     def check(self) -> list[dict]:
-        """The log records of the pending steps, after one wait for the device; stops with TrainingError if a
-        loss, a gradient norm (without a scaler, whose skipped steps are normal) or a weight is not finite.
-        Nothing is saved then: the last checkpoint on disk stays the last good one."""
+        """The log records of the pending steps, after one wait for the device (and one all-reduce of the
+        losses); stops with TrainingError if a loss, a gradient norm (without a scaler, whose skipped steps
+        are normal) or a weight is not finite, in every process at the same step. Nothing is saved then:
+        the last checkpoint on disk stays the last good one."""
         if not self.pending:
             return []
-        values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in self.pending]).tolist()
+        values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm in self.pending])
+        if self.world.size > 1:  # each process holds its share of a step's loss; the norms are the same
+            values[:, 0] = self.world.sum_(values[:, 0].contiguous())
+        values = values.tolist()
         # a NaN or an inf makes its tensor's sum non-finite (finite weights overflow it only past ~1e30 each);
         # isfinite() would allocate boolean copies of every parameter: 2 s a step on a full 131M-number head
         weights_ok = bool(torch.stack([p.detach().sum() for p in self.params.values()]).isfinite().all())
@@ -313,21 +423,27 @@ class Run:
                 hint = "a lower --lr" + (" or --precision fp32" if self.hw.precision != "fp32" else "")
                 raise TrainingError(f"training diverged at step {record['step']} ({what}); stopped, and the last "
                                     f"good checkpoint is kept in {self.folder}; try {hint}")
-            record.update(loss=loss, seconds=seconds)
-            if "tokens" in record:
-                record["tokens_per_s"] = record["tokens"] / seconds
+            record.update(loss=loss, seconds=seconds, tokens_per_s=record["tokens"] / seconds)
             records.append(record)
         self.pending, self.clock = [], time.perf_counter()
         return records
 
+    def on_main(self, write, *args):
+        """write(*args) on rank 0, while the other processes wait for it to finish."""
+        if self.world.is_main:
+            write(*args)
+        self.world.barrier()
+
     def save_out(self):
-        self.save(self.out)
+        self.on_main(self.save, self.out)
         self.wrote_out = True
 
     def write(self, records: list[dict]):
+        if not self.log:
+            return
         self.log.writelines(json.dumps(r) + "\n" for r in records)
         self.log.flush()
-        if records:
+        if records and "loss" in records[-1]:
             self.bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", lr=f"{records[-1]['lr']:.1e}")
 
     # ---------------------------------------------------------------------- checkpoints (safetensors only)
@@ -339,18 +455,25 @@ class Run:
         return state
 
     def save_state(self, rng=None):
-        """Trainable weights, AdamW moments, gradient scale and RNG (now, or rng as taken earlier) in one
-        safetensors file, written atomically."""
+        """Trainable weights, AdamW moments, gradient scale and RNG (now, or rng as taken earlier; each
+        process's) in one safetensors file, written atomically by rank 0."""
+        rng = rng or self.rng_state()
+        if self.world.size > 1:  # rank r's generators as rng.torch.r (the same on every process otherwise)
+            rng = {f"{k}.{r}": t for k, v in rng.items() for r, t in enumerate(self.world.gather(v, self.hw.device))}
+        if not self.world.is_main:
+            self.world.barrier()  # until rank 0 has written the file
+            return
         tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.params.items()}
         for n, p in self.params.items():
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"adam.{key}.{n}"] = value.detach().reshape(-1).contiguous() if key == "step" else value
-        tensors.update(rng or self.rng_state())
+        tensors.update(rng)
         metadata = {"step": str(self.step), "best_val": repr(self.best_val), "base_fingerprint": self.base_fingerprint}
         if self.scaler:
             metadata["scaler"] = json.dumps(self.scaler.state_dict())
         with atomic_path(self.folder / "state.safetensors") as tmp:
             save_file(tensors, tmp, metadata=metadata)
+        self.world.barrier()
 
     def load_state(self) -> tuple[int, float]:
         """Restore what save_state wrote, each tensor on its parameter's device; returns (step, best val loss)."""
@@ -371,17 +494,22 @@ class Run:
                 if state:
                     state["step"] = state["step"].reshape(())
                     self.optimizer.state[p] = state
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.hw.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.hw.device)
+        mine = "" if self.world.size == 1 else f".{self.world.rank}"
+        torch.set_rng_state(tensors[f"rng.torch{mine}"])
+        if f"rng.cuda{mine}" in tensors and self.hw.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{mine}"], self.hw.device)
         if self.scaler and "scaler" in metadata:
             self.scaler.load_state_dict(json.loads(metadata["scaler"]))
         return int(metadata["step"]), float(metadata["best_val"])
 
 
-def check_resumable(cfg: RunConfig, folder: Path) -> dict:
-    """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES); returns the
-    saved train_config.json."""
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def check_resumable(cfg: RunConfig, folder: Path, processes: int = 1) -> dict:
+    """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES) and on as
+    many processes (a step's examples depend on the global batch); returns the saved train_config.json."""
     if not (folder / "state.safetensors").exists():
         raise TrainingError(f"{folder}: nothing to resume (no state.safetensors); start without --resume")
     saved = json.loads((folder / "train_config.json").read_text())
@@ -390,6 +518,9 @@ def check_resumable(cfg: RunConfig, folder: Path) -> dict:
         if key not in RESUMABLE_CHANGES and saved.get(key) != value:
             raise TrainingError(f"{folder} was started with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
                                 "resume with the same settings or choose another --run-dir")
+    if saved.get("processes", 1) != processes:
+        raise TrainingError(f"{folder} was started on {saved.get('processes', 1)} processes, this is {processes}; "
+                            f"resume with torchrun --nproc_per_node (x --nnodes) giving {saved.get('processes', 1)}")
     return saved
 
 

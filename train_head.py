@@ -67,61 +67,68 @@ def main(cfg: HeadConfig) -> dict:
     run = runs.Run(cfg, cfg.out)
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, run.hw.dtype, run.hw.device)
-    train, val = runs.encode_split(tokenizer, pairs, cfg, model.config.block_size)
+    train, val = run.encode(tokenizer, pairs, model.config.block_size)
 
     # the head adapter: fp32 master weights, the only parameters that train
     head = HeadAdapter(model.lm_head, cfg.head_rank, dtype=torch.float32)
     params = {n: p for n, p in head.named_parameters() if p.requires_grad}
 
-    # the frozen body's outputs at answer positions, per example: (h (n_i, C), targets (n_i,)), on the device
-    cache = {"train": {}, "val": {}}
+    def save(path):
+        save_head(head, path, cfg.target, model, base_fingerprint, stage1)
+
+    # The frozen body's outputs at answer positions, per example: (h (n_i, C), targets (n_i,)), on the
+    # device, each process caching those it is given. An example's are always computed in the same batch
+    # (its first-epoch micro-batch; for validation, its validation batch), so that they are the same bits
+    # whenever and wherever they are computed: after --resume, or in another process.
+    cache, home = {"train": {}, "val": {}}, {}
 
     def features(split_name, examples, idx):
         """Hidden states and targets of the answer positions of examples[idx], concatenated."""
+        if cfg.no_cache:
+            return _cat(body(examples, idx).values())
         store = cache[split_name]
-        todo = [i for i in idx if i not in store]
-        if todo:
-            ids, labels = collate([examples[i] for i in todo], tokenizer.pad_id)
-            with torch.no_grad(), run.hw.autocast():
-                h = model.hidden_states(to_device(ids[:, :-1], run.hw.device))  # (B, T-1, C)
-            rows, targets = answer_rows(h, labels)
-            # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
-            rows = rows.to(run.hw.dtype)
-            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
-            fresh = dict(zip(todo, zip(rows.split(counts), targets.split(counts))))
-            if cfg.no_cache:
-                return _cat([fresh[i] for i in idx])
-            store.update(fresh)
-        return _cat([store[i] for i in idx])
+        for i in idx:
+            if i not in store:
+                store.update(body(examples, home[split_name][i]))
+        return _cat(store[i] for i in idx)
+
+    def body(examples, idx) -> dict:
+        ids, labels = collate([examples[i] for i in idx], tokenizer.pad_id)
+        with torch.no_grad(), run.hw.autocast():
+            h = model.hidden_states(to_device(ids[:, :-1], run.hw.device))  # (B, T-1, C)
+        rows, targets = answer_rows(h, labels)
+        # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
+        rows = rows.to(run.hw.dtype)
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
+        return dict(zip(idx, zip(rows.split(counts), targets.split(counts))))
 
     def evaluate() -> float:
         total, count = 0.0, 0
         with torch.no_grad(), run.hw.autocast():
-            for i in range(0, len(val), cfg.batch_size):
+            for i in run.shard(range(0, len(val), cfg.batch_size)):
                 h, t = features("val", val, list(range(i, min(i + cfg.batch_size, len(val)))))
                 total, count = total + head.loss(h, t).item(), count + len(t)
-        return total / max(count, 1)
+        return run.mean(total, count)
 
-    def save(path):
-        save_head(head, path, cfg.target, model, base_fingerprint, stage1)
-
-    run.begin(params, train, val, base_fingerprint, what=f"stage 2, target {cfg.target}", evaluate=evaluate,
+    val_batches = [list(range(i, min(i + cfg.batch_size, len(val)))) for i in range(0, len(val), cfg.batch_size)]
+    home["val"] = {i: b for b in val_batches for i in b}
+    run.begin(head, params, train, val, base_fingerprint, what=f"stage 2, target {cfg.target}", evaluate=evaluate,
               save=save, initial_is_best=True)  # the identity head is the base's own: a valid start
+    home["train"] = {i: idx for idx in run.epoch_micro_batches(0) for i in idx}
     with run:
-        for micro_batches in run.steps():
-            # one optimizer step over the answer tokens of its micro-batches
-            batches = [features("train", train, idx) for idx in micro_batches]
-            n_targets = sum(len(t) for _, t in batches)
-            for h, t in batches:
+        for micro_batches in run.steps():  # one optimizer step: this process's micro-batches of it
+            for idx in micro_batches:
+                h, t = features("train", train, idx)
                 with run.hw.autocast():
-                    loss = head.loss(h, t)
-                run.backward(loss / n_targets)
-            run.optimizer_step(targets=n_targets)
+                    loss = run.loss(h, t)  # head.loss, through DDP
+                run.backward(loss)  # as its share of the mean over every answer token of the step
+            run.optimizer_step()
     return {"step": run.step, "best_val_loss": run.best_val, "head": head, "model": model}
 
 
 def _cat(pieces):
-    return torch.cat([h for h, _ in pieces]), torch.cat([t for _, t in pieces])
+    hs, ts = zip(*pieces)
+    return torch.cat(hs), torch.cat(ts)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import phi2
 import runs
 from hardware import to_device
 from phi2.weights import fingerprint
-from prompts import DEFAULT_DATA, IGNORE_INDEX, collate, format_answer, format_prompt, read_pairs
+from prompts import DEFAULT_DATA, collate, format_answer, format_prompt, read_pairs
 
 
 @dataclass
@@ -65,10 +65,11 @@ def parse_args(argv=None) -> TrainConfig:
 def main(cfg: TrainConfig) -> dict:
     run = runs.Run(cfg, cfg.out)
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
-    base_dir = prepare_base(cfg, pairs, run.folder)
+    with run.world.main_first():  # under torchrun, rank 0 writes a tiny base; the others then read it
+        base_dir = prepare_base(cfg, pairs, run.folder)
     model = phi2.load_model(base_dir, dtype=run.hw.dtype, device=run.hw.device)
     tokenizer = phi2.load_tokenizer(base_dir)
-    train, val = runs.encode_split(tokenizer, pairs, cfg, model.config.block_size)
+    train, val = run.encode(tokenizer, pairs, model.config.block_size)
 
     # LoRA on the frozen base; only its A and B train
     base_fingerprint = fingerprint(model)
@@ -81,28 +82,26 @@ def main(cfg: TrainConfig) -> dict:
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad(), run.hw.autocast():
-            for i in range(0, len(val), cfg.batch_size):
+            for i in run.shard(range(0, len(val), cfg.batch_size)):
                 ids, labels = collate(val[i:i + cfg.batch_size], tokenizer.pad_id)
                 loss, n = model.loss(to_device(ids, run.hw.device), labels)
                 total, count = total + loss.item(), count + n
         model.train()
-        return total / max(count, 1)
+        return run.mean(total, count)
 
     def save(folder):
         lora.save_adapter(model, folder, base_path=base_dir.resolve(), base_fingerprint=base_fingerprint)
 
-    run.begin(params, train, val, base_fingerprint, what="stage 1", evaluate=evaluate, save=save)
+    run.begin(model, params, train, val, base_fingerprint, what="stage 1", evaluate=evaluate, save=save)
     model.train()
     with run:
-        for micro_batches in run.steps():
-            # one optimizer step: the loss is the mean over every answer token of its micro-batches
-            batches = [collate([train[i] for i in idx], tokenizer.pad_id) for idx in micro_batches]
-            n_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
-            for ids, labels in batches:  # labels stay on the CPU: model.loss picks answer rows without a sync
-                with run.hw.autocast():
-                    loss, _ = model.loss(to_device(ids, run.hw.device), labels)
-                run.backward(loss / n_targets)
-            run.optimizer_step(tokens=sum(len(train[i].input_ids) for idx in micro_batches for i in idx))
+        for micro_batches in run.steps():  # one optimizer step: this process's micro-batches of it
+            for idx in micro_batches:
+                ids, labels = collate([train[i] for i in idx], tokenizer.pad_id)
+                with run.hw.autocast():  # labels stay on the CPU: the loss picks answer rows without a sync
+                    loss, _ = run.loss(to_device(ids, run.hw.device), labels)  # model.loss, through DDP
+                run.backward(loss)  # as its share of the mean over every answer token of the step
+            run.optimizer_step()
     return {"step": run.step, "best_val_loss": run.best_val, "model": model}
 
 

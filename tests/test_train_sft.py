@@ -81,11 +81,11 @@ def test_a_non_finite_weight_after_the_optimizer_step_stops_training(bad, tmp_pa
                          max_steps=5, log_interval=1, eval_interval=100, save_interval=100)
     run = runs.Run(cfg, tmp_path / "out")
     examples = [prompts.Example([1, 2], [1, 2])] * 5
-    run.begin({"w": w}, examples, [], "none", what="test", evaluate=None, save=lambda path: None)
+    run.begin(None, {"w": w}, examples, [], "none", what="test", evaluate=None, save=lambda path: None)
     with pytest.raises(runs.TrainingError, match="training diverged at step 2"), run:
         for value in (1.0, bad):  # step 1 leaves a finite weight and goes through; step 2 does not
-            next(run.steps())
-            run.backward((w * 0).sum() + 0.5)  # a finite loss and zero gradients: the step keeps w as it is
+            for _ in next(run.steps()):
+                run.backward((w * 0).sum() + 0.5)  # a finite loss and zero gradients: the step keeps w as it is
             with torch.no_grad():
                 w[417] = value
             run.optimizer_step()
