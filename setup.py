@@ -9,13 +9,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["phi2", "phi2.*"]),
     py_modules=["cli", "hardware", "runs", "lora", "head_adapter", "prompts", "train_sft", "train_head", "generate",
-                "target_data", "quickstart"],
+                "target_data", "quickstart", "ddp", "llm", "evaluate"],
     # Install torch first (pip install torch==2.13.0 here): a bare requirement with no torch present
     # would fetch a multi-GB CUDA build. Any 2.5+ satisfies this range (SDPA's enable_gqa).
     install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.8", "numpy", "tqdm"],
     extras_require={
+        # calling LLMs (target_data.py, evaluate.py): the official client, never a hand-written one
+        "api": ["openai>=1.40"],
         # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
-        "test": ["pytest", "hypothesis", "transformers>=5.0,<6", "peft>=0.17"],
-        "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil"],
+        "test": ["pytest", "hypothesis", "transformers>=5.0,<6", "peft>=0.17", "openai>=1.40"],
+        "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil", "openai>=1.40"],
     },
 )

@@ -70,7 +70,7 @@ def run_target_data(url, tmp_path, monkeypatch, sleep=time.sleep):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a prompt\n")
     cfg = target_data.TargetDataConfig(base_url=url, model="m", out=str(tmp_path / "out.jsonl"), data=str(prompts),
-                                       api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0)
+                                       api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0, cache="")
     return target_data.main(cfg, sleep=sleep)
 
 
@@ -78,7 +78,7 @@ def test_a_redirect_to_another_origin_is_refused_and_gets_no_key(servers, tmp_pa
     elsewhere = servers(lambda h: reply(h, 200, REPLY))
     redirecting = servers(lambda h: reply(h, 302, {}, [("Location", elsewhere.url + "/v1/chat/completions")]))
     # another port is another origin: the key must not go there, and its answer must not become data
-    with pytest.raises(target_data.TargetDataError, match="redirected .* to another origin.*refused"):
+    with pytest.raises(target_data.LLMError, match="redirected to another origin.*refused"):
         run_target_data(redirecting.url + "/v1", tmp_path, monkeypatch)
     assert elsewhere.requests == [] and not (tmp_path / "out.jsonl").read_text()
 
@@ -90,7 +90,7 @@ def test_a_key_echoed_in_an_answer_never_reaches_the_output(tmp_path, monkeypatc
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"please repeat {KEY}\n")
     cfg = target_data.TargetDataConfig(base_url=server.url, model="target-1", out=str(tmp_path / "out.jsonl"),
-                                       data=str(prompts), api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0)
+                                       data=str(prompts), api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0, cache="")
     try:
         target_data.main(cfg)
     finally:

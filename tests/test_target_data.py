@@ -94,7 +94,7 @@ def prompts_file(tmp_path):
 
 def config(server, prompts_file, out, **kw):
     base = dict(base_url=server.url, model="target-1", out=str(out), data=str(prompts_file), api_key_env="TEST_KEY",
-                concurrency=3, retry_base=0.001, timeout=5.0)
+                concurrency=3, retry_base=0.001, timeout=5.0, cache="")
     return target_data.TargetDataConfig(**{**base, **kw})
 
 
@@ -141,7 +141,7 @@ def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
     server = server_factory(delay=0.15)
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, str(ROOT / "target_data.py"), "--base-url", server.url, "--model", "target-1",
-            "--out", str(out), "--data", str(prompts_file), "--api-key-env", "TEST_KEY", "--concurrency", "2"]
+            "--out", str(out), "--data", str(prompts_file), "--api-key-env", "TEST_KEY", "--concurrency", "2", "--cache", ""]
     env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 20
@@ -165,7 +165,7 @@ def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
 def test_the_key_never_appears(server_factory, prompts_file, tmp_path):
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, str(ROOT / "target_data.py"), "--model", "target-1", "--data", str(prompts_file),
-            "--api-key-env", "TEST_KEY", "--concurrency", "2", "--out", str(out)]
+            "--api-key-env", "TEST_KEY", "--concurrency", "2", "--out", str(out), "--cache", ""]
     env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     good = server_factory(fail={"prompt number 0": [500, 500]})
     ok = subprocess.run(argv + ["--base-url", good.url], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -182,5 +182,5 @@ def test_missing_key_is_a_clear_error(prompts_file, tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     cfg = target_data.TargetDataConfig(base_url="http://127.0.0.1:9", model="m", out=str(tmp_path / "o.jsonl"),
                                        data=str(prompts_file), api_key_env="NO_SUCH_KEY")
-    with pytest.raises(target_data.TargetDataError, match="environment variable NO_SUCH_KEY"):
+    with pytest.raises(target_data.LLMError, match="environment variable NO_SUCH_KEY"):
         target_data.main(cfg)

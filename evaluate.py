@@ -1,0 +1,462 @@
+"""Do the target LLM's answers get better with optimised prompts? Pairwise or reference-based LLM judging:
+
+    python evaluate.py --lora runs/sft/best --head mistral.safetensors \\
+        --target-url https://api.mistral.ai/v1 --target-model mistral-small-latest --target-key-env MISTRAL_API_KEY \\
+        --judge-url https://api.openai.com/v1 --judge-model gpt-4o --judge-key-env OPENAI_API_KEY \\
+        --instructions alpaca_eval.json --out runs/eval-mistral
+
+Each instruction is rewritten by the prompter (greedy, with the head for this target), or taken from
+--rewrites FILE (any other optimiser's rewrites, or the instructions themselves as a control). The target
+answers the original and the rewrite. Pairwise (the default): the judge sees the original instruction and
+both answers, in both orders; a verdict that changes with the order is a tie, and the optimised side's win
+rate is (W + T/2) / N with a seeded bootstrap 95% interval, overall and per category. With --reference
+(AlpacaEval's model_outputs.json) each answer is judged against the reference output instead, both
+orders, and the table gives each side's win rate and their difference (paired bootstrap): the papers'
+table. A reply without exactly one verdict is counted as unparsed, never guessed.
+
+Every request goes through llm.py: cached on disk (--cache; a rerun, or a run adding a second target,
+repeats none), --concurrency at once, retried with backoff, keys from the environment only. --out gets
+results.json, judgments.jsonl, report.html (one page to read every item side by side) and the table.
+"""
+
+import dataclasses
+import hashlib
+import html
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import cli
+from llm import DEFAULT_CACHE, LLM, Cache, RequestFailed, concurrently
+from phi2.errors import UsageError
+from phi2.files import write_atomic
+from prompts import DataError, read_records
+
+JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
+JUDGE_PROMPT = """\
+Compare two answers to the user's instruction below. Decide which answer better follows the instruction and \
+serves the user: helpfulness, correctness, relevance, depth and clarity. The order of the answers and their \
+length must not sway you.
+
+[Instruction]
+{instruction}
+
+[The Start of Answer A]
+{a}
+[The End of Answer A]
+
+[The Start of Answer B]
+{b}
+[The End of Answer B]
+
+Explain your judgment briefly, then end with your verdict in exactly this form: [[A]] if answer A is better, \
+[[B]] if answer B is better, [[C]] if they are equally good."""
+VERDICTS = {"[[A]]": "A", "[[B]]": "B", "[[C]]": "C"}
+
+
+@dataclass
+class EvalConfig:
+    instructions: str = ""
+    out: str = ""
+    target_url: str = ""
+    target_model: str = ""
+    target_key_env: str = "OPENAI_API_KEY"
+    judge_url: str = ""
+    judge_model: str = ""
+    judge_key_env: str = "OPENAI_API_KEY"
+    field: str | None = None  # the instruction's field; default: instruction (+ context), text or prompt
+    limit: int | None = None  # a seeded sample of N instructions
+    seed: int = 0  # the sample and the bootstrap
+    rewrites: str | None = None  # rewrites from a file instead of the prompter
+    reference: str | None = None  # AlpacaEval model_outputs.json: reference mode
+    lora: str | None = None
+    head: str | None = None
+    model: str | None = None
+    max_new_tokens: int = 256  # the prompter's longest rewrite
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    max_tokens: int = 1024  # the target's longest answer
+    temperature: float = 0.0  # the target's sampling
+    judge_max_tokens: int = 512
+    concurrency: int = 8
+    timeout: float = 120.0
+    max_retries: int = 6
+    retry_base: float = 1.0
+    bootstrap: int = 2000
+    cache: str = str(DEFAULT_CACHE)
+
+
+class EvalError(UsageError):
+    """Bad instructions, rewrites or references; the message names the file and the line."""
+
+
+def parse_args(argv=None) -> EvalConfig:
+    d = EvalConfig()
+    p = cli.parser(__doc__)
+    p.add_argument("--instructions", required=True, help="AlpacaEval .json, Vicuna .jsonl, Dolly, or .jsonl/.json/"
+                   ".csv/.txt of instructions")
+    p.add_argument("--out", required=True, help="folder for results.json, judgments.jsonl and report.html")
+    p.add_argument("--target-url", required=True, help="the target LLM's OpenAI-compatible API root")
+    p.add_argument("--target-model", required=True, help="the target's model name at that endpoint")
+    p.add_argument("--target-key-env", default=d.target_key_env, help="environment variable with the target's key")
+    p.add_argument("--judge-url", required=True, help="the judge LLM's OpenAI-compatible API root")
+    p.add_argument("--judge-model", required=True, help="the judge's model name, e.g. gpt-4o")
+    p.add_argument("--judge-key-env", default=d.judge_key_env, help="environment variable with the judge's key")
+    p.add_argument("--field", help="the instruction's field (default: instruction + context, text, or prompt)")
+    p.add_argument("--limit", type=cli.positive_int, help="evaluate a seeded sample of N instructions")
+    p.add_argument("--seed", type=int, default=d.seed, help="for --limit's sample and the bootstrap")
+    p.add_argument("--rewrites", help="rewrites from this file (fields instruction/input/prompt and "
+                   "rewrite/output/improved) instead of the prompter")
+    p.add_argument("--reference", help="AlpacaEval model_outputs.json: judge each answer against its reference")
+    p.add_argument("--lora", help="the prompter's stage-1 adapter folder")
+    p.add_argument("--head", help="the prompter's head for this target")
+    p.add_argument("--model", help="the prompter's base folder (default: the adapter's)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=d.max_new_tokens, help="longest rewrite")
+    p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="rewrites decoded together")
+    cli.add_hardware_args(p)
+    p.add_argument("--max-tokens", type=cli.positive_int, default=d.max_tokens, help="the target's longest answer")
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="the target's sampling")
+    p.add_argument("--judge-max-tokens", type=cli.positive_int, default=d.judge_max_tokens,
+                   help="the judge's longest reply")
+    p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
+    p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")
+    p.add_argument("--max-retries", type=cli.count, default=d.max_retries, help="retries of a failed request")
+    p.add_argument("--retry-base", type=cli.nonnegative_float, default=d.retry_base, help="first backoff, seconds")
+    p.add_argument("--bootstrap", type=cli.positive_int, default=d.bootstrap, help="bootstrap resamples")
+    p.add_argument("--cache", default=d.cache, help="JSONL cache of every answer, shared by runs ('' for none)")
+    cfg = EvalConfig(**vars(p.parse_args(argv)))
+    if not cfg.rewrites and not (cfg.lora or cfg.head):
+        raise EvalError("nothing makes the rewrites: give the prompter (--lora, --head) or --rewrites FILE")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass
+class Item:
+    source: str  # file:line
+    instruction: str
+    category: str | None = None
+
+
+def read_instructions(path, field=None) -> list[Item]:
+    """Instructions from AlpacaEval's JSON (instruction, dataset), Vicuna's JSONL (text, category),
+    Dolly/self-instruct (instruction + context or input, joined by a blank line), records with --field,
+    or a .txt file (one per line)."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise EvalError(f"{path}: no such file")
+        lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+        return [Item(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    items = []
+    for line, record in read_records(path):
+        where = f"{path}:{line}"
+        if field:
+            text = record.get(field)
+        elif "instruction" in record:
+            text, extra = record["instruction"], record.get("context") or record.get("input") or ""
+            if isinstance(text, str) and isinstance(extra, str) and extra.strip():
+                text = f"{text.strip()}\n\n{extra.strip()}"
+        else:
+            text = record.get("text", record.get("prompt"))
+        if not isinstance(text, str) or not text.strip():
+            raise EvalError(f"{where}: no instruction (fields: {', '.join(record)}); name its field with --field")
+        category = record.get("category") or record.get("dataset")
+        items.append(Item(where, text.strip(), str(category) if category else None))
+    if not items:
+        raise EvalError(f"{path}: no instructions")
+    return items
+
+
+def read_pairs_of(path, keys: tuple[str, ...], values: tuple[str, ...], what: str) -> dict[str, str]:
+    """{instruction: text} from records holding one of keys and one of values."""
+    found = {}
+    for line, record in read_records(path):
+        key = next((record[k] for k in keys if isinstance(record.get(k), str)), None)
+        value = next((record[v] for v in values if isinstance(record.get(v), str)), None)
+        if key is None or value is None:
+            raise EvalError(f"{path}:{line}: a {what} record needs one of {'/'.join(keys)} and one of "
+                            f"{'/'.join(values)} (fields: {', '.join(record)})")
+        found[key.strip()] = value.strip()
+    return found
+
+
+def sample(items: list[Item], limit, seed) -> list[Item]:
+    if not limit or limit >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), limit))
+    return [item for i, item in enumerate(items) if i in keep]
+
+
+def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str, str]:
+    """Greedy rewrites by the prompter, through generate.py (which resumes its --out after a stop); the
+    file is named by what makes the rewrites, so that another adapter or head never reuses them."""
+    import generate
+
+    texts = sorted({item.instruction for item in items})
+    made_by = [cfg.model, cfg.lora, cfg.head, cfg.max_new_tokens, texts]
+    for f in (Path(cfg.lora or "") / "adapter_model.safetensors", Path(cfg.head or "")):
+        made_by.append(hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None)
+    name = hashlib.sha256(json.dumps(made_by, default=str).encode()).hexdigest()[:12]
+    path = out / f"rewrites-{name}.jsonl"
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        records = generate.main(generate.GenerateConfig(
+            prompts=texts, model=cfg.model, lora=cfg.lora, heads=[cfg.head] if cfg.head else [],
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
+            precision=cfg.precision, json=True, out=str(path)))
+    return {r["input"]: r["output"] for r in records}
+
+
+# ---------------------------------------------------------------------------------------------- judging
+
+
+def parse_verdict(reply: str) -> str | None:
+    """"A", "B" or "C" when the reply holds exactly one kind of verdict, else None (unparsed)."""
+    found = {v for marker, v in VERDICTS.items() if marker in reply}
+    return found.pop() if len(found) == 1 else None
+
+
+def judge_messages(instruction: str, a: str, b: str) -> list[dict]:
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_PROMPT.format(instruction=instruction, a=a, b=b)}]
+
+
+def side_verdict(first: str | None, second: str | None) -> str | None:
+    """The verdict for side X from two judgments, X as A then X as B: "win", "loss" or "tie" for X (a
+    verdict that changes with the order is a tie); None if either is unparsed."""
+    if first is None or second is None:
+        return None
+    as_a = {"A": "win", "B": "loss", "C": "tie"}[first]
+    as_b = {"B": "win", "A": "loss", "C": "tie"}[second]
+    return as_a if as_a == as_b else "tie"
+
+
+SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def bootstrap_interval(scores, n_resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean of scores, by resampling items with replacement."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(0, len(scores), size=(n_resamples, len(scores)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(rows: list[dict], reference: bool, n_resamples: int, seed: int) -> dict:
+    """The table for rows (judged items): wins, ties, losses and win rate with its interval (pairwise), or
+    each side's win rate against the reference and their difference (reference mode)."""
+    if not reference:
+        verdicts = [r["verdict"] for r in rows]
+        scores = [SCORE[v] for v in verdicts]
+        low, high = bootstrap_interval(scores, n_resamples, seed)
+        return {"n": len(rows), "wins": verdicts.count("win"), "ties": verdicts.count("tie"),
+                "losses": verdicts.count("loss"), "win_rate": float(np.mean(scores)) if scores else float("nan"),
+                "ci95": [low, high]}
+    original = [SCORE[r["verdict_original"]] for r in rows]
+    optimised = [SCORE[r["verdict_optimised"]] for r in rows]
+    low, high = bootstrap_interval(np.subtract(optimised, original), n_resamples, seed)
+    mean = lambda x: float(np.mean(x)) if x else float("nan")  # noqa: E731
+    return {"n": len(rows), "win_rate_original": mean(original), "win_rate_optimised": mean(optimised),
+            "ci95_original": list(bootstrap_interval(original, n_resamples, seed)),
+            "ci95_optimised": list(bootstrap_interval(optimised, n_resamples, seed)),
+            "difference": mean(optimised) - mean(original), "ci95_difference": [low, high]}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file; --out is a folder for the results")
+    items = sample(read_instructions(cfg.instructions, cfg.field), cfg.limit, cfg.seed)
+    references = read_pairs_of(cfg.reference, ("instruction",), ("output",), "reference") if cfg.reference else None
+    if references is not None:
+        missing = [item for item in items if item.instruction not in references]
+        if missing:
+            raise EvalError(f"{cfg.reference}: no reference output for {len(missing)} of {len(items)} instructions, "
+                            f"e.g. {missing[0].source}; give the model_outputs.json of the same instruction set")
+    cache = Cache(cfg.cache) if cfg.cache else None
+    call = dict(cache=cache, timeout=cfg.timeout, max_retries=cfg.max_retries, retry_base=cfg.retry_base, sleep=sleep)
+    target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, **call)
+    judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, **call)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. the rewrites
+    if cfg.rewrites:
+        rewrites = read_pairs_of(cfg.rewrites, ("instruction", "input", "prompt"), ("rewrite", "output", "improved"),
+                                 "rewrite")
+        missing = [item for item in items if item.instruction not in rewrites]
+        if missing:
+            raise EvalError(f"{cfg.rewrites}: no rewrite for {len(missing)} of {len(items)} instructions, e.g. "
+                            f"{missing[0].source}")
+    else:
+        rewrites = prompter_rewrites(cfg, items, out)
+    empty = sum(1 for item in items if not rewrites[item.instruction].strip())
+    optimised = {item.instruction: rewrites[item.instruction].strip() or item.instruction for item in items}
+
+    # 2. the target's answers to both prompts (temperature 0 by default: each prompt asked once)
+    prompts = sorted({item.instruction for item in items} | set(optimised.values()))
+    answers, failed = ask(target, prompts, lambda text: ([{"role": "user", "content": text}],
+                          dict(temperature=cfg.temperature, max_tokens=cfg.max_tokens)), cfg, "answers")
+
+    # 3. the judgments, in both orders
+    sides = [("optimised", lambda item: optimised[item.instruction])]
+    if references is None:  # optimised against original
+        pairs = lambda item: [(answers.get(item.instruction), answers.get(optimised[item.instruction]))]  # noqa: E731
+    else:  # each side against the reference
+        sides.insert(0, ("original", lambda item: item.instruction))
+        pairs = lambda item: [(answers.get(prompt(item)), references[item.instruction]) for _, prompt in sides]  # noqa
+    requests = []
+    for item in items:
+        for x, y in pairs(item):
+            if x is not None and y is not None:
+                requests += [(item.instruction, x, y), (item.instruction, y, x)]
+    params = dict(temperature=0.0, max_tokens=cfg.judge_max_tokens)
+    replies, failed_judgments = ask(judge, sorted(set(requests)), lambda r: (judge_messages(*r), params), cfg,
+                                    "judgments")
+
+    # 4. the table
+    rows, unparsed, incomplete = [], [], 0
+    for item in items:
+        row = {"source": item.source, "category": item.category, "instruction": item.instruction,
+               "rewrite": optimised[item.instruction], "answer_original": answers.get(item.instruction),
+               "answer_optimised": answers.get(optimised[item.instruction])}
+        raw = [(replies.get((item.instruction, x, y)), replies.get((item.instruction, y, x))) if x and y else
+               (None, None) for x, y in pairs(item)]
+        if any(a is None or b is None for a, b in raw):
+            incomplete += 1
+            row["status"] = "incomplete"
+        else:
+            parsed = [(parse_verdict(a), parse_verdict(b)) for a, b in raw]
+            names = ["verdict"] if references is None else ["verdict_original", "verdict_optimised"]
+            for name, (a, b), (pa, pb) in zip(names, raw, parsed):
+                # the side judged is A in the first order, except pairwise, where the original comes first
+                row[name] = side_verdict(pb, pa) if references is None else side_verdict(pa, pb)
+                row[f"{name}_judgments"] = [{"reply": a, "parsed": pa}, {"reply": b, "parsed": pb}]
+            row["status"] = "unparsed" if any(row[n] is None for n in names) else "judged"
+            if row["status"] == "unparsed":
+                unparsed.append(item.source)
+        rows.append(row)
+
+    judged = [r for r in rows if r["status"] == "judged"]
+    reference_mode = references is not None
+    results = {"mode": "reference" if reference_mode else "pairwise", "target": cfg.target_model,
+               "judge": cfg.judge_model, "instructions": cfg.instructions, "items": len(items),
+               "judged": len(judged), "unparsed": len(unparsed), "incomplete": incomplete,
+               "empty_rewrites": empty, "failed_requests": failed + failed_judgments,
+               "overall": summarise(judged, reference_mode, cfg.bootstrap, cfg.seed), "categories": {}}
+    for category in sorted({r["category"] for r in judged if r["category"]}):
+        subset = [r for r in judged if r["category"] == category]
+        results["categories"][category] = summarise(subset, reference_mode, cfg.bootstrap, cfg.seed)
+    results["requests_sent"] = {"target": target.requests, "judge": judge.requests}
+
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "judgments.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(out / "report.html", render_html(results, rows))
+    print(table(results))
+    if unparsed:
+        print(f"{len(unparsed)} items had a judge reply without a verdict (e.g. {unparsed[0]}); they are left out "
+              "of the table and listed in judgments.jsonl", file=sys.stderr)
+    if incomplete:
+        print(f"{incomplete} items are incomplete ({failed + failed_judgments} requests failed); rerun the same "
+              "command to complete them (answered requests come from the cache)", file=sys.stderr)
+    print(f"wrote {out / 'results.json'}, {out / 'judgments.jsonl'} and {out / 'report.html'}", file=sys.stderr)
+    return results
+
+
+def ask(llm: LLM, keys: list, messages_of, cfg: EvalConfig, what: str) -> tuple[dict, int]:
+    """{key: reply} for every key whose request (messages_of(key) -> (messages, params)) succeeded, and the
+    number that failed; at most --concurrency in flight, with a progress bar."""
+    def call(key):
+        messages, params = messages_of(key)
+        return llm.chat(messages, **params)
+
+    replies, failed = {}, []
+    with tqdm(total=len(keys), unit="request", desc=what, file=sys.stderr) as bar:
+        for key, reply, error in concurrently(call, keys, cfg.concurrency):
+            if isinstance(error, RequestFailed):
+                failed.append(str(error))
+            elif error is not None:
+                raise error  # a refused key or redirect: nothing else would work either
+            else:
+                replies[key] = reply
+            bar.update()
+    for line in failed[:3]:
+        print(f"failed ({what}): {line}", file=sys.stderr)
+    return replies, len(failed)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _rate(summary: dict, key="win_rate", ci="ci95") -> str:
+    return f"{summary[key]:.3f} [{summary[ci][0]:.3f}, {summary[ci][1]:.3f}]"
+
+
+def table(results: dict) -> str:
+    """The results as a text table, overall first, then per category."""
+    groups = [("overall", results["overall"]), *results["categories"].items()]
+    if results["mode"] == "pairwise":
+        lines = [f"{'':24} {'n':>5} {'wins':>5} {'ties':>5} {'losses':>6}  win rate of optimised [95% CI]"]
+        lines += [f"{name[:24]:24} {s['n']:5} {s['wins']:5} {s['ties']:5} {s['losses']:6}  {_rate(s)}"
+                  for name, s in groups]
+    else:
+        lines = [f"{'':24} {'n':>5}  {'original vs reference':>24}  {'optimised vs reference':>24}  difference"]
+        lines += [f"{name[:24]:24} {s['n']:5}  {_rate(s, 'win_rate_original', 'ci95_original'):>24}  "
+                  f"{_rate(s, 'win_rate_optimised', 'ci95_optimised'):>24}  "
+                  f"{_rate(s, 'difference', 'ci95_difference')}" for name, s in groups]
+    head = (f"{results['mode']} evaluation of {results['target']}, judged by {results['judge']}: "
+            f"{results['judged']} of {results['items']} items judged")
+    return "\n".join([head, *lines])
+
+
+def render_html(results: dict, rows: list[dict]) -> str:
+    """One self-contained page: the table, then every item with both prompts, both answers and the verdicts."""
+    e = lambda text: html.escape(str(text if text is not None else "(none)"))  # noqa: E731
+    items = []
+    for r in rows:
+        verdicts = " · ".join(f"{k.replace('_', ' ')}: <b>{e(r[k])}</b>" for k in r
+                              if k.startswith("verdict") and not k.endswith("judgments"))
+        raw = "".join(f"<details><summary>{e(k.replace('_', ' '))}</summary>" +
+                      "".join(f"<pre>{e(j['reply'])}</pre><p>parsed: {e(j['parsed'])}</p>" for j in r[k]) +
+                      "</details>" for k in r if k.endswith("_judgments"))
+        items.append(f"""<section><h3>{e(r['source'])} {f"({e(r['category'])})" if r['category'] else ''} \
+— {e(r['status'])}</h3><p>{verdicts}</p>
+<div class="grid"><div><h4>original prompt</h4><pre>{e(r['instruction'])}</pre><h4>answer</h4>\
+<pre>{e(r['answer_original'])}</pre></div><div><h4>optimised prompt</h4><pre>{e(r['rewrite'])}</pre>\
+<h4>answer</h4><pre>{e(r['answer_optimised'])}</pre></div></div>{raw}</section>""")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>phi2-prompter evaluation: {e(results['target'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; }}
+pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .6em; border-radius: 4px; }}
+.grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }}
+section {{ border-top: 1px solid #ccc; margin-top: 1.5em; }}
+</style></head><body>
+<h1>Evaluation of {e(results['target'])}</h1>
+<pre>{e(table(results))}</pre>
+<p>{results['unparsed']} unparsed, {results['incomplete']} incomplete, {results['empty_rewrites']} empty rewrites \
+(the original was used).</p>
+{"".join(items)}
+</body></html>
+"""
+
+
+if __name__ == "__main__":
+    summary = cli.run("evaluate.py", main, parse_args, on_interrupt="; answers so far are cached: rerun to go on")
+    sys.exit(1 if summary["incomplete"] else 0)

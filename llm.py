@@ -1,0 +1,220 @@
+"""The one way this project calls an LLM: an OpenAI-compatible chat-completions endpoint, through the
+`openai` client (`pip install -e ".[api]"`), with an on-disk cache, retries and bounded concurrency.
+
+    target = LLM("https://api.mistral.ai/v1", "mistral-small-latest", key_env="MISTRAL_API_KEY", cache=Cache(path))
+    for item, answer, error in concurrently(lambda m: target.chat(m, temperature=0), messages, workers=16): ...
+
+- **Cache.** Every answer is kept in one JSONL file, keyed by a hash of the endpoint, the model, the messages
+  and the parameters (never the key): a rerun, or a second run that shares some requests, asks nothing twice.
+  Lines are appended as answers arrive (a crash loses only what was in flight) and a line cut short is
+  skipped on reading.
+- **Retries.** 429, 5xx, timeouts, dropped connections and malformed replies are retried with exponential
+  backoff and jitter, honouring Retry-After up to MAX_RETRY_AFTER; after max_retries a RequestFailed says
+  why, and the run goes on without that answer. A refused key stops the run (LLMError, one line).
+- **Keys.** Read from the environment only, sent only to the endpoint's own origin (a redirect elsewhere is
+  refused), and replaced by *** in every answer, message and file this module writes.
+- **Concurrency.** `concurrently` runs calls on daemon threads: Ctrl-C returns at once, keeping every
+  answer already cached, and drops only the requests in flight.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import random
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from phi2.errors import UsageError
+
+MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this, so none can hang a run
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2-prompter" / "llm.jsonl"
+
+
+class LLMError(UsageError):
+    """A call that cannot work at all (no key, key refused, redirect refused, no `openai`): stops the run."""
+
+
+class RequestFailed(Exception):
+    """One request that failed for good (after its retries, or a 4xx); the run goes on without it."""
+
+
+class _Retryable(Exception):
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _origin(url) -> tuple:
+    parts = urllib.parse.urlsplit(str(url))
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class Cache:
+    """Answers by request, in one append-only JSONL file shared by every run that points at it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.answers, self.lock = {}, threading.Lock()
+        if self.path.exists():
+            for line in self.path.read_bytes().splitlines():
+                try:
+                    record = json.loads(line)
+                    self.answers[record["key"]] = record["answer"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash, or not ours: asked again if needed
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(request: dict) -> str:
+        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key):
+        return self.answers.get(key)
+
+    def put(self, key, request: dict, answer: str):
+        line = json.dumps({"key": key, "request": request, "answer": answer}, ensure_ascii=False) + "\n"
+        with self.lock:
+            self.answers[key] = answer
+            with open(self.path, "ab") as f:
+                if f.tell() and not self._ends_with_newline():
+                    f.write(b"\n")  # after a line cut short by a crash
+                f.write(line.encode())
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+
+class LLM:
+    """One model at one OpenAI-compatible endpoint; chat(messages, **params) -> the reply's text."""
+
+    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", *, cache: Cache | None = None,
+                 timeout: float = 60.0, max_retries: int = 6, retry_base: float = 1.0, sleep=time.sleep):
+        self.base_url, self.model, self.key_env = base_url.rstrip("/"), model, key_env
+        self.key = os.environ.get(key_env, "")
+        if not self.key:
+            raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
+                           "another one with the --...-key-env flag); it is not set")
+        self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
+        self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary
+        try:
+            import openai
+        except ImportError:
+            raise LLMError("calling an LLM needs the openai client: pip install -e \".[api]\"") from None
+        self.openai = openai
+        origin = _origin(self.base_url + "/")
+
+        def same_origin(request):  # every request, redirects included: the key goes to no other host
+            if _origin(request.url) != origin:
+                raise LLMError(f"{self.base_url} redirected to another origin, {request.url.netloc.decode()}; "
+                               "refused, so that the API key goes nowhere else: give the final URL")
+
+        http = openai.DefaultHttpxClient(event_hooks={"request": [same_origin]}, timeout=timeout)
+        self.client = openai.OpenAI(api_key=self.key, base_url=self.base_url, max_retries=0, timeout=timeout,
+                                    http_client=http)
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.key, "***") if self.key else text
+
+    def chat(self, messages: list[dict], **params) -> str:
+        """The reply to messages, from the cache or the endpoint (with retries)."""
+        request = {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
+        key = Cache.key(request)
+        if self.cache and (answer := self.cache.get(key)) is not None:
+            return answer
+        last = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = self.retry_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # jitter
+                self.sleep(max(delay, min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
+            try:
+                answer = self._call(messages, params)
+                break
+            except _Retryable as e:
+                last = e
+        else:
+            raise RequestFailed(f"gave up after {self.max_retries} retries: {last}")
+        if self.cache:
+            self.cache.put(key, request, answer)
+        return answer
+
+    def _call(self, messages, params) -> str:
+        openai = self.openai
+        self.requests += 1
+        try:  # the client's plain post: its auth, errors and connection pool, without its typed request and
+            # reply models, which cost 6 ms of CPU a request against 3 (the GIL's ceiling on concurrency)
+            reply = self.client.post("/chat/completions", body={"model": self.model, "messages": messages, **params},
+                                     cast_to=object)
+        except openai.APIStatusError as e:
+            status = e.status_code
+            detail = self.redact(str(e))[:200]
+            if status in (401, 403):
+                raise LLMError(f"{self.base_url} refused the API key (HTTP {status}); check ${self.key_env}") \
+                    from None
+            if status == 429 or status >= 500:
+                raise _Retryable(f"HTTP {status} {detail[:120]}", _retry_after(e.response.headers)) from None
+            raise RequestFailed(f"HTTP {status} {detail}") from None
+        except openai.APIConnectionError as e:  # refused, dropped, timed out, malformed reply
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, LLMError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None  # the redirect refusal, as it was raised
+            raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
+        except openai.APIError as e:  # a 200 whose body is not a completion
+            raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
+        if isinstance(reply, (str, bytes)):  # a JSON body sent without a JSON content type
+            try:
+                reply = json.loads(reply)
+            except ValueError:
+                raise _Retryable("the reply was not JSON") from None
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise _Retryable("the reply had no choices[0].message.content") from None
+        if not isinstance(text, str) or not text.strip():
+            raise _Retryable("the reply was empty")
+        return self.redact(text.strip())  # a server that echoes the key gets it written as *** and nowhere else
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: the backoff decides
+
+
+def concurrently(call, items, workers: int):
+    """(item, result, error) for each item as its call(item) finishes, with at most `workers` calls at once.
+    The threads are daemons and the waiting wakes twice a second: Ctrl-C stops at once."""
+    items = list(items)
+    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+
+    def work():
+        while True:
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((item, call(item), None))
+            except Exception as e:  # LLMError included: the caller decides
+                done.put((item, None, e))
+
+    for _ in range(min(workers, len(items))):
+        threading.Thread(target=work, daemon=True).start()
+    for _ in items:
+        while True:
+            try:
+                yield done.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue

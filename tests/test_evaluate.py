@@ -1,0 +1,297 @@
+"""evaluate.py against real HTTP servers on 127.0.0.1 standing in for the target and the judge.
+
+The target answers a prompt with as many words as the prompt has characters over 4 ("w w w ..."), so an
+answer's length is known from its prompt; scripted judges prefer position A, or the longer answer. The
+expected tables are computed here from the prompts alone, not by evaluate.py's code.
+"""
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+import evaluate
+
+KEY = "sk-eval-test-0123456789"
+ANSWER = re.compile(r"\[The Start of Answer (A|B)\]\n(.*?)\n\[The End of Answer \1\]", re.S)
+INSTRUCTION = re.compile(r"\[Instruction\]\n(.*?)\n\n\[The Start of Answer A\]", re.S)
+
+
+def answer_for(prompt: str) -> str:
+    return " ".join(["w"] * (len(prompt) // 4 + 1))
+
+
+class ChatServer:
+    """A chat-completions endpoint: reply(body) -> text, or an int status, or "drop" (close the connection
+    unanswered); records the user message of every request it receives."""
+
+    def __init__(self, reply):
+        self.reply, self.seen, self.lock = reply, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.headers["Authorization"] == f"Bearer {KEY}"
+                with server.lock:
+                    server.seen.append(body["messages"][-1]["content"])
+                result = server.reply(body)
+                if result == "drop":
+                    self.close_connection = True
+                    return self.connection.close()
+                status, headers = (result, {"Retry-After": "1"}) if isinstance(result, int) else (200, {})
+                payload = ({"choices": [{"index": 0, "message": {"role": "assistant", "content": result}}]}
+                           if status == 200 else {"error": {"message": "slow down"}})
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def servers():
+    made = []
+    yield lambda reply: made.append(ChatServer(reply)) or made[-1]
+    for s in made:
+        s.close()
+
+
+def target_reply(body):
+    return answer_for(body["messages"][-1]["content"])
+
+
+def longer_wins(body):
+    a, b = (m.group(2) for m in ANSWER.finditer(body["messages"][-1]["content"]))
+    verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
+    return f"The better answer is the longer one. [[{verdict}]]"
+
+
+# eight instructions in two categories; rewrites longer, shorter or as long as the original
+INSTRUCTIONS = [("write a poem", "writing"), ("explain why the sky is blue", "science"),
+                ("list three fruits", "writing"), ("describe photosynthesis in detail", "science"),
+                ("summarise the plot of hamlet", "writing"), ("what is entropy", "science"),
+                ("give me a recipe", "writing"), ("define gravity", "science")]
+REWRITES = {"write a poem": "Write a rhyming poem of four stanzas about autumn leaves",
+            "explain why the sky is blue": "Why is the sky blue?",
+            "list three fruits": "name three fruit",  # an answer as long as the original's
+            "describe photosynthesis in detail": "Describe photosynthesis step by step, with the chemistry",
+            "summarise the plot of hamlet": "Hamlet plot?",
+            "what is entropy": "Explain entropy in thermodynamics and in information theory, with examples",
+            "give me a recipe": "Give me a vegetarian pasta recipe for two with a shopping list",
+            "define gravity": "gravity?"}
+
+
+@pytest.fixture
+def files(tmp_path):
+    instructions = tmp_path / "alpaca_eval.json"
+    instructions.write_text(json.dumps([{"instruction": i, "dataset": c} for i, c in INSTRUCTIONS]))
+    rewrites = tmp_path / "rewrites.jsonl"
+    rewrites.write_text("".join(json.dumps({"instruction": i, "rewrite": r}) + "\n" for i, r in REWRITES.items()))
+    return instructions, rewrites
+
+
+def run(target, judge, files, tmp_path, monkeypatch, sleep=lambda seconds: None, **kw):
+    monkeypatch.setenv("EVAL_KEY", KEY)
+    instructions, rewrites = files
+    base = dict(instructions=str(instructions), rewrites=str(rewrites), out=str(tmp_path / "out"),
+                target_url=target.url, target_model="target-1", target_key_env="EVAL_KEY", judge_url=judge.url,
+                judge_model="judge-1", judge_key_env="EVAL_KEY", cache=str(tmp_path / "cache.jsonl"),
+                concurrency=4, retry_base=0.001, timeout=5.0, bootstrap=500)
+    return evaluate.main(evaluate.EvalConfig(**{**base, **kw}), sleep=sleep)
+
+
+def expected_pairwise(pairs):
+    """(wins, ties, losses) of the optimised side when the longer answer wins, from the prompts alone."""
+    outcome = [np.sign(len(answer_for(r)) - len(answer_for(i))) for i, r in pairs]
+    return outcome.count(1), outcome.count(0), outcome.count(-1)
+
+
+def test_a_judge_that_always_prefers_position_a_gives_only_ties(servers, files, tmp_path, monkeypatch):
+    target, judge = servers(target_reply), servers(lambda body: "Answer A is better. [[A]]")
+    results = run(target, judge, files, tmp_path, monkeypatch)
+    overall = results["overall"]
+    assert (overall["n"], overall["wins"], overall["ties"], overall["losses"]) == (8, 0, 8, 0)
+    assert overall["win_rate"] == 0.5 and overall["ci95"] == [0.5, 0.5]
+
+
+def test_a_judge_preferring_longer_answers_gives_the_table_computed_here(servers, files, tmp_path, monkeypatch,
+                                                                         capsys):
+    target, judge = servers(target_reply), servers(longer_wins)
+    results = run(target, judge, files, tmp_path, monkeypatch)
+    wins, ties, losses = expected_pairwise(REWRITES.items())
+    overall = results["overall"]
+    assert (overall["wins"], overall["ties"], overall["losses"]) == (wins, ties, losses) == (4, 1, 3)
+    assert overall["win_rate"] == (wins + ties / 2) / 8
+    for category in ("writing", "science"):
+        pairs = [(i, REWRITES[i]) for i, c in INSTRUCTIONS if c == category]
+        w, t, l = expected_pairwise(pairs)
+        assert (results["categories"][category]["wins"], results["categories"][category]["ties"],
+                results["categories"][category]["losses"]) == (w, t, l)
+    # 8 originals + 8 rewrites answered; 2 judgments per item, each asked once (the item whose two answers
+    # are the same text needs only one: both orders are the same request)
+    assert len(target.seen) == 16 and len(judge.seen) == len(set(judge.seen)) == 15
+    assert all(INSTRUCTION.search(p).group(1) in dict(INSTRUCTIONS) for p in judge.seen)  # the original instruction
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["verdict_judgments"]) == 2 for r in rows)
+    assert json.loads((out / "results.json").read_text())["overall"] == overall
+    page = (out / "report.html").read_text()
+    assert "<!doctype html>" in page and "Hamlet plot?" in page and "win rate" in page
+    assert "writing" in capsys.readouterr().out
+
+    # a second run against the same cache sends nothing
+    again = run(target, judge, files, tmp_path, monkeypatch)
+    assert again["requests_sent"] == {"target": 0, "judge": 0} and len(target.seen) == 16
+    assert again["overall"] == overall
+
+
+def test_reference_mode_judges_each_side_against_the_reference(servers, files, tmp_path, monkeypatch):
+    reference = tmp_path / "model_outputs.json"
+    outputs = {i: answer_for("x" * 30) for i, _ in INSTRUCTIONS}  # a reference of fixed length
+    reference.write_text(json.dumps([{"instruction": i, "output": o, "generator": "ref"} for i, o in outputs.items()]))
+    target, judge = servers(target_reply), servers(longer_wins)
+    results = run(target, judge, files, tmp_path, monkeypatch, reference=str(reference))
+
+    def score(prompt, ref):
+        return float(np.sign(len(answer_for(prompt)) - len(ref)) / 2 + 0.5)
+
+    original = [score(i, outputs[i]) for i, _ in INSTRUCTIONS]
+    optimised = [score(REWRITES[i], outputs[i]) for i, _ in INSTRUCTIONS]
+    overall = results["overall"]
+    assert results["mode"] == "reference"
+    assert overall["win_rate_original"] == np.mean(original) and overall["win_rate_optimised"] == np.mean(optimised)
+    assert overall["difference"] == pytest.approx(np.mean(optimised) - np.mean(original))
+    low, high = overall["ci95_difference"]
+    assert low <= overall["difference"] <= high
+
+
+def test_a_reply_without_a_verdict_is_counted_unparsed(servers, files, tmp_path, monkeypatch):
+    def judge_reply(body):
+        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"]:
+            return "Both answers have merits; I cannot decide."
+        return longer_wins(body)
+
+    results = run(servers(target_reply), servers(judge_reply), files, tmp_path, monkeypatch)
+    assert results["unparsed"] == 1 and results["judged"] == 7 and results["overall"]["n"] == 7
+    rows = {r["instruction"]: r for r in map(json.loads, (tmp_path / "out" / "judgments.jsonl").read_text().splitlines())}
+    assert rows["what is entropy"]["status"] == "unparsed" and rows["what is entropy"]["verdict"] is None
+    assert evaluate.parse_verdict("[[A]] ... or rather [[B]]") is None  # two verdicts: not guessed either
+
+
+def test_429_with_retry_after_is_waited_out(servers, files, tmp_path, monkeypatch):
+    calls = []
+    target = servers(lambda body: 429 if not calls.append(1) and len(calls) <= 2 else target_reply(body))
+    slept = []
+    results = run(target, servers(longer_wins), files, tmp_path, monkeypatch, sleep=slept.append)
+    assert results["incomplete"] == 0 and results["judged"] == 8
+    assert slept.count(1.0) == 2  # the server's Retry-After: 1, twice
+
+
+def test_dropped_connections_are_completed_by_a_rerun_without_repeating_a_request(servers, files, tmp_path,
+                                                                                  monkeypatch):
+    healthy, served = [True], []
+
+    def flaky(body):
+        if len(served) >= 6 and healthy[0]:
+            return "drop"
+        served.append(1)
+        return target_reply(body)
+
+    target, judge = servers(flaky), servers(longer_wins)
+    first = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert first["incomplete"] > 0 and first["failed_requests"] > 0
+    answered_first = set(target.seen[:6])
+    healthy[0] = False
+    target.seen.clear()
+    second = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert second["incomplete"] == 0 and second["judged"] == 8
+    assert not answered_first & set(target.seen) and len(target.seen) == len(set(target.seen)) == 16 - 6
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    """For scores in {0, 0.5, 1}, the bootstrap distribution of the mean is that of a sum of n draws from
+    the empirical distribution: computed exactly by convolution, its 2.5% and 97.5% points match."""
+    scores = [1.0] * 21 + [0.5] * 7 + [0.0] * 12
+    n = len(scores)
+    pmf_one = np.bincount([int(s * 2) for s in scores], minlength=3) / n  # over half-points 0, 1, 2
+    pmf = np.array([1.0])
+    for _ in range(n):
+        pmf = np.convolve(pmf, pmf_one)
+    cdf, means = np.cumsum(pmf), np.arange(len(pmf)) / (2 * n)
+    exact = means[np.searchsorted(cdf, 0.025)], means[np.searchsorted(cdf, 0.975)]
+    low, high = evaluate.bootstrap_interval(scores, 20000, seed=0)
+    assert abs(low - exact[0]) <= 0.02 and abs(high - exact[1]) <= 0.02
+    assert evaluate.bootstrap_interval(scores, 500, seed=3) == evaluate.bootstrap_interval(scores, 500, seed=3)
+
+
+def test_instruction_formats(tmp_path):
+    vicuna = tmp_path / "vicuna.jsonl"
+    vicuna.write_text(json.dumps({"question_id": 1, "text": "Tell a joke", "category": "fun"}) + "\n")
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text(json.dumps({"instruction": "Summarise this", "context": "A long text.", "category": "sum"}) + "\n"
+                     + json.dumps({"instruction": "Name a colour", "context": "", "category": "qa"}) + "\n")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("question,topic\nWhy?,x\n")
+    text = tmp_path / "plain.txt"
+    text.write_text("first\n\nsecond\n")
+    assert [(i.instruction, i.category) for i in evaluate.read_instructions(vicuna)] == [("Tell a joke", "fun")]
+    assert [i.instruction for i in evaluate.read_instructions(dolly)] == ["Summarise this\n\nA long text.",
+                                                                          "Name a colour"]
+    assert [i.instruction for i in evaluate.read_instructions(plain, field="question")] == ["Why?"]
+    assert [i.instruction for i in evaluate.read_instructions(text)] == ["first", "second"]
+    with pytest.raises(evaluate.EvalError, match=r"plain.csv:2: no instruction .* --field"):
+        evaluate.read_instructions(plain)
+    items = [evaluate.Item(str(i), str(i)) for i in range(10)]
+    assert evaluate.sample(items, 4, seed=1) == evaluate.sample(items, 4, seed=1) != evaluate.sample(items, 4, seed=2)
+
+
+def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monkeypatch):
+    """Rewrites by a tiny stage-1 adapter and head (greedy), then the whole run; a key that the target
+    echoes back reaches no file."""
+    import train_head
+    import train_sft
+    from prompts import DEFAULT_DATA
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:20]))
+    common = ["--data", str(data), "--max-steps", "1", "--device", "cpu", "--precision", "fp32"]
+    train_sft.main(train_sft.parse_args(["--model", "tiny", "--run-dir", str(tmp_path / "sft"), "--rank", "4",
+                                         *common]))
+    train_head.main(train_head.parse_args(["--target", "t", "--lora", str(tmp_path / "sft" / "best"), "--out",
+                                           str(tmp_path / "t.safetensors"), "--run-dir", str(tmp_path / "head"),
+                                           *common]))
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("write a poem\nexplain taxes\n")
+    monkeypatch.setenv("EVAL_KEY", KEY)
+    # a careless target that echoes the key it was sent: it must reach no file
+    target, judge = servers(lambda body: f"{target_reply(body)} (key {KEY})"), servers(longer_wins)
+    cfg = evaluate.parse_args([
+        "--instructions", str(instructions), "--lora", str(tmp_path / "sft" / "best"), "--head",
+        str(tmp_path / "t.safetensors"), "--max-new-tokens", "6", "--device", "cpu", "--precision", "fp32",
+        "--target-url", target.url, "--target-model", "target-1", "--target-key-env", "EVAL_KEY",
+        "--judge-url", judge.url, "--judge-model", "judge-1", "--judge-key-env", "EVAL_KEY",
+        "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.jsonl")])
+    results = evaluate.main(cfg)
+    assert results["items"] == 2 and results["judged"] + results["unparsed"] == 2
+    rewrites = list((tmp_path / "out").glob("rewrites-*.jsonl"))
+    assert len(rewrites) == 1 and len(rewrites[0].read_text().splitlines()) == 2
+    for path in [*(tmp_path / "out").iterdir(), tmp_path / "cache.jsonl"]:
+        assert KEY not in path.read_text(), path
