@@ -19,7 +19,6 @@ repeats none), --concurrency at once, retried with backoff, keys from the enviro
 results.json, judgments.jsonl, report.html (one page to read every item side by side) and the table.
 """
 
-import dataclasses
 import hashlib
 import html
 import json
@@ -36,7 +35,7 @@ import cli
 from llm import DEFAULT_CACHE, LLM, Cache, RequestFailed, concurrently
 from phi2.errors import UsageError
 from phi2.files import write_atomic
-from prompts import DataError, read_records
+from prompts import read_records
 
 JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
 JUDGE_PROMPT = """\

@@ -129,7 +129,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
         todo.append((i, ids))
 
     partial = Path(cfg.out + ".partial") if cfg.out else None
-    records = _resume(partial, prompts, heads) if partial else {}  # (index, target) -> record
+    records = _resume(partial, prompts, heads, settings(cfg)) if partial else {}  # (index, target) -> record
     targets = [target for target, _ in heads]
     todo = [(i, ids) for i, ids in todo if any((i, t) not in records for t in targets)]
     stream = len(prompts) == 1 and len(heads) == 1 and not cfg.json and not cfg.out
@@ -184,9 +184,20 @@ def main(cfg: GenerateConfig) -> list[dict]:
     return [records[i, t] for i in indices for t in targets]
 
 
-def _resume(partial: Path, prompts, heads) -> dict:
-    """Results already in FILE.partial from a stopped run, keyed by (prompt index, target)."""
-    if not partial.exists():
+def settings(cfg: GenerateConfig) -> dict:
+    """What decides the results, with the adapter's and heads' contents: a resume under others is refused."""
+    from head_adapter import content_id, stage1_id
+    keys = ("model", "raw", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "precision")
+    return {**{k: getattr(cfg, k) for k in keys}, "lora": stage1_id(cfg.lora),
+            "heads": sorted(content_id(h) for h in cfg.heads)}
+
+
+def _resume(partial: Path, prompts, heads, made_with: dict) -> dict:
+    """Results already in FILE.partial from a stopped run, keyed by (prompt index, target); the file's first
+    line holds the settings they were made with."""
+    if not partial.exists() or not partial.stat().st_size:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": made_with}) + "\n")
         return {}
     done, targets = {}, {target for target, _ in heads}
     for n, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
@@ -194,6 +205,14 @@ def _resume(partial: Path, prompts, heads) -> dict:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by the stop: that prompt runs again
+        if n == 1 and isinstance(record, dict) and "settings" in record:
+            was = json.loads(json.dumps(record["settings"]))
+            now = json.loads(json.dumps(made_with))
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            if changed:
+                raise UsageError(f"{partial}: results made with other settings ({', '.join(changed)} changed); "
+                                 "rerun with those, or delete it or choose another --out")
+            continue
         i = record.get("index")
         if (not isinstance(i, int) or i >= len(prompts) or record.get("input") != prompts[i][1]
                 or record.get("target") not in targets):

@@ -76,11 +76,22 @@ class HeadAdapter(nn.Module):
 
 
 def stage1_id(adapter_folder) -> str:
-    """Identity of a stage-1 LoRA adapter: a hash of its weights file ("none" without one)."""
+    """Identity of a stage-1 LoRA adapter ("none" without one): a hash of its tensors' names, shapes and
+    values (as fp32), not of the file's bytes, which change with the metadata's order when it is re-saved."""
     if adapter_folder is None:
         return "none"
-    data = (Path(adapter_folder) / "adapter_model.safetensors").read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    return content_id(Path(adapter_folder) / "adapter_model.safetensors")
+
+
+def content_id(path) -> str:
+    """A short hash of a safetensors file's tensors: names, shapes and values as fp32."""
+    digest = hashlib.sha256()
+    with safe_open(path, framework="pt") as f:
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name).float()
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprint: str, stage1: str):

@@ -188,15 +188,31 @@ def encode_pairs(tokenizer, pairs, max_len: int) -> tuple[list[Example], int]:
     return kept, len(examples) - len(kept)
 
 
-def split(items, val_fraction: float, seed: int):
-    """A seeded (train, validation) split; validation gets at least one item when val_fraction > 0."""
-    order = list(range(len(items)))
+def split(items, val_fraction: float, seed: int, key=None):
+    """A seeded (train, validation) split; validation gets at least one item when val_fraction > 0. Items
+    with the same key(item) fall on the same side (whole groups go to validation until it has its share)."""
+    groups = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item) if key else i, []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(items) * val_fraction)) if val_fraction > 0 else 0
-    if n_val >= len(items):
-        raise DataError(f"{len(items)} examples are too few for a validation split of {val_fraction}")
-    val, train = order[:n_val], order[n_val:]
+    val = []
+    while len(val) < n_val and order:
+        val += order.pop()
+    if n_val and not order:
+        raise DataError(f"{len(items)} examples ({len(groups)} distinct) are too few for a validation split of "
+                        f"{val_fraction}")
+    train = [i for group in order for i in group]
     return [items[i] for i in sorted(train)], [items[i] for i in sorted(val)]
+
+
+def split_pairs(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair], int]:
+    """(train, validation, duplicates dropped): exact duplicate pairs are dropped, and every prompt falls on
+    one side only, so that validation never scores a prompt the model trained on."""
+    unique = list({(p.prompt.strip(), p.improved.strip()): p for p in reversed(pairs)}.values())[::-1]
+    train, val = split(unique, val_fraction, seed, key=lambda p: p.prompt.strip())
+    return train, val, len(pairs) - len(unique)
 
 
 def batch_order(lengths, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

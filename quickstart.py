@@ -32,7 +32,7 @@ import phi2
 import train_head
 import train_sft
 from hardware import to_device
-from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, format_prompt, read_pairs, split
+from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, format_prompt, read_pairs, split_pairs
 
 STYLES = ("concise", "structured")
 MARKER = ".quickstart"  # a folder holding this file is ours to replace
@@ -85,7 +85,8 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 def held_out(seed=1337, val_fraction=0.1):
     """Stage 2's validation split (the same prompts in both style sets): [(prompt, {style: reference})]."""
-    splits = {s: split(read_pairs(DATA_DIR / "targets" / f"{s}.jsonl"), val_fraction, seed)[1] for s in STYLES}
+    splits = {s: split_pairs(read_pairs(DATA_DIR / "targets" / f"{s}.jsonl"), val_fraction, seed)[1]
+              for s in STYLES}
     prompts = [p.prompt for p in splits[STYLES[0]]]
     assert all([p.prompt for p in splits[s]] == prompts for s in STYLES), "the style sets must share prompts"
     return [(prompt, {s: splits[s][i].improved for s in STYLES}) for i, prompt in enumerate(prompts)]

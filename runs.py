@@ -25,6 +25,7 @@ the losses and gradient norms of the steps between stay on the device until then
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import hardware
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.weights import open_checked
-from prompts import IGNORE_INDEX, DataError, batch_order, encode_pairs, split
+from prompts import IGNORE_INDEX, DataError, batch_order, encode_pairs, split_pairs
 
 
 @dataclass
@@ -167,8 +168,11 @@ class Run:
         validation improves."""
         self.cfg, self.folder, self.out = cfg, Path(cfg.run_dir), Path(out)
         self.world = world = ddp.from_env()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise TrainingError(f"--run-dir {self.folder} is a file; a run's folder goes there: choose another --run-dir")
+        self.saved = {}
         if cfg.resume:
-            saved = check_resumable(cfg, self.folder, world.size)
+            self.saved = saved = check_resumable(cfg, self.folder, world.size)
         elif (self.folder / "state.safetensors").exists():
             raise TrainingError(f"{self.folder} already holds a run; continue it with --resume or choose another "
                                 "--run-dir")
@@ -208,7 +212,9 @@ class Run:
         if cfg.max_len > context:
             raise TrainingError(f"--max-len {cfg.max_len} is longer than the model's context of {context} tokens; "
                                 f"use --max-len {context} or less")
-        train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
+        train_pairs, val_pairs, duplicates = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+        if duplicates:
+            self.say(f"dropped {duplicates} of {len(pairs)} pairs: exact duplicates of others")
         train, dropped = encode_pairs(tokenizer, train_pairs, cfg.max_len)
         val, dropped_val = encode_pairs(tokenizer, val_pairs, cfg.max_len)
         if dropped + dropped_val:
@@ -218,16 +224,24 @@ class Run:
         return train, val
 
     def begin(self, module, params: dict, train: list, val: list, base_fingerprint: str, *, what: str, evaluate,
-              save, initial_is_best=False):
+              save, initial_is_best=False, inputs: dict | None = None):
         """AdamW over params (module's trainable parameters), the schedule over train, and on --resume the
         saved state. module.loss(...) becomes run.loss(...), under DDP when there are several processes.
 
         evaluate() -> mean validation loss per token (over run.shard's batches, then run.mean); save(path)
         writes the trained tensors to path (called on rank 0 only). initial_is_best: save the untrained
         parameters as the best so far (a head's identity start is a valid head; an untrained LoRA is not
-        worth a file).
+        worth a file). inputs: {name: content fingerprint} of what the run reads (data, adapters): a resume
+        with any of them changed is refused, naming it.
         """
         cfg, world = self.cfg, self.world
+        inputs = {**({"data": file_fingerprint(cfg.data)} if cfg.data else {}), **(inputs or {})}
+        for name, value in inputs.items():
+            was = self.saved.get("inputs", {}).get(name, value)
+            if was != value:
+                raise TrainingError(f"{self.folder} was started on another {name} (fingerprint {was}, now {value}): "
+                                    f"the {name} changed since; resume with the one it started with, or start a "
+                                    "new --run-dir")
         self.params, self.evaluate, self.save, self.has_val = params, evaluate, save, bool(val)
         self.base_fingerprint = base_fingerprint
         self.loss = ddp.wrap(LossOf(module), world, self.hw.device)
@@ -250,7 +264,8 @@ class Run:
                                     f"{min(self.total_steps, cfg.stop_after or self.total_steps)}; raise --max-steps, "
                                     "--epochs or --stop-after")
         elif world.is_main:
-            saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict(), "processes": world.size}
+            saved = {**dataclasses.asdict(cfg), "hardware": self.hw.to_dict(), "processes": world.size,
+                     "inputs": inputs}
             write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
             (self.folder / "metrics.jsonl").write_text("")
         n_params = sum(p.numel() for p in params.values())
@@ -501,6 +516,23 @@ class Run:
         if self.scaler and "scaler" in metadata:
             self.scaler.load_state_dict(json.loads(metadata["scaler"]))
         return int(metadata["step"]), float(metadata["best_val"])
+
+
+def file_fingerprint(path) -> str:
+    """A short hash of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_output_kind(path, folder: bool, flag: str):
+    """One line if path exists as a file where a folder belongs, or the reverse."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        found, wanted = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
+        raise TrainingError(f"{flag} {path} is {found}, but {wanted} goes there; choose another {flag}")
 
 
 def _interrupt(signum, frame):

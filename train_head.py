@@ -64,6 +64,7 @@ def parse_args(argv=None) -> HeadConfig:
 
 
 def main(cfg: HeadConfig) -> dict:
+    runs.check_output_kind(cfg.out, folder=False, flag="--out")
     run = runs.Run(cfg, cfg.out)
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, run.hw.dtype, run.hw.device)
@@ -113,7 +114,8 @@ def main(cfg: HeadConfig) -> dict:
     val_batches = [list(range(i, min(i + cfg.batch_size, len(val)))) for i in range(0, len(val), cfg.batch_size)]
     home["val"] = {i: b for b in val_batches for i in b}
     run.begin(head, params, train, val, base_fingerprint, what=f"stage 2, target {cfg.target}", evaluate=evaluate,
-              save=save, initial_is_best=True)  # the identity head is the base's own: a valid start
+              save=save, initial_is_best=True,  # the identity head is the base's own: a valid start
+              inputs={"stage-1 adapter": stage1})
     home["train"] = {i: idx for idx in run.epoch_micro_batches(0) for i in idx}
     with run:
         for micro_batches in run.steps():  # one optimizer step: this process's micro-batches of it

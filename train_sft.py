@@ -63,6 +63,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(cfg: TrainConfig) -> dict:
+    runs.check_output_kind(cfg.out, folder=True, flag="--out")
     run = runs.Run(cfg, cfg.out)
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     with run.world.main_first():  # under torchrun, rank 0 writes a tiny base; the others then read it

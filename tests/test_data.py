@@ -107,3 +107,12 @@ def test_real_csv_with_multiline_fields():
     pairs = prompts.read_pairs(SHARED / "prompt_pairs" / "oneprompted_v1.csv", "bad_prompt", "good_prompt")
     assert len(pairs) == 1450
     assert sum("\n" in p.improved for p in pairs) > 100
+
+
+def test_duplicates_are_dropped_and_a_prompt_stays_on_one_side():
+    pairs = [prompts.Pair(f"prompt {i % 30}", f"better {i}", f"f:{i}") for i in range(90)]  # 3 pairs per prompt
+    pairs += [prompts.Pair("prompt 1", "better 1", "f:dup"), prompts.Pair(" prompt 1 ", "better 1 ", "f:dup2")]
+    train, val, duplicates = prompts.split_pairs(pairs, 0.1, seed=5)
+    assert duplicates == 2 and len(train) + len(val) == 90 and len(val) >= 9
+    assert not {p.prompt for p in train} & {p.prompt for p in val}
+    assert prompts.split_pairs(pairs, 0.1, seed=5) == (train, val, 2)

@@ -64,6 +64,14 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
                              for line in lines]
     assert untimed((tmp_path / "out.jsonl").read_text().splitlines()) == untimed(final)
 
+    # a stopped run under other settings is not mixed in
+    header = json.dumps({"settings": {**generate.settings(generate.parse_args([str(a) for a in argv])),
+                                      "max_new_tokens": 9}})
+    (tmp_path / "out.jsonl.partial").write_text(header + "\n" + final[0] + "\n")
+    with pytest.raises(UsageError, match=r"out.jsonl.partial: results made with other settings \(max_new_tokens "
+                                         r"changed\)"):
+        run(capsys, *argv)
+
 
 def test_partial_from_other_prompts_is_refused(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "out.txt.partial").write_text(json.dumps({"index": 0, "input": "something else"}) + "\n")

@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import phi2
@@ -16,6 +17,7 @@ import runs
 import target_data
 import train_head
 import train_sft
+from prompts import DEFAULT_DATA
 from tests.test_target_data import KEY, FakeLLM
 
 REPLY = {"choices": [{"message": {"role": "assistant", "content": "Improved."}}]}
@@ -234,3 +236,36 @@ def test_a_base_killed_while_being_written_is_never_taken_for_one(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train_sft.prepare_base(train_sft.TrainConfig(model="tiny"), [], tmp_path)
     assert not (tmp_path / "base").exists()
+
+
+def test_a_resaved_adapter_keeps_its_identity(tmp_path):
+    """Re-saving an adapter with its metadata in another order changes the file's bytes, not its identity."""
+    import head_adapter
+    from safetensors import safe_open
+    folder = tmp_path / "a"
+    folder.mkdir()
+    tensors = {"b.lora_B.weight": torch.randn(8, 4), "a.lora_A.weight": torch.randn(4, 8)}
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"x": "1", "y": "2"})
+    before = head_adapter.stage1_id(folder)
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        again = {k: f.get_tensor(k) for k in reversed(list(f.keys()))}
+    save_file(again, folder / "adapter_model.safetensors", metadata={"y": "2", "x": "1", "format": "pt"})
+    assert head_adapter.stage1_id(folder) == before
+    save_file({**again, "a.lora_A.weight": again["a.lora_A.weight"] + 1e-3}, folder / "adapter_model.safetensors")
+    assert head_adapter.stage1_id(folder) != before
+
+
+def test_resume_refuses_changed_data_and_out_of_the_wrong_kind(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:20]))
+    cfg = dict(model="tiny", data=str(data), run_dir=str(tmp_path / "run"), batch_size=4, grad_accum=1, rank=4,
+               max_steps=2, device="cpu", precision="fp32")
+    train_sft.main(train_sft.TrainConfig(**cfg, stop_after=1))
+    data.write_text(data.read_text().replace("a", "A", 1))
+    with pytest.raises(runs.TrainingError, match="started on another data .* resume with the one it started with"):
+        train_sft.main(train_sft.TrainConfig(**cfg, resume=True))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runs.TrainingError, match="--out .*file is a file, but a folder goes there"):
+        train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "r2")}, out=str(tmp_path / "file")))
+    with pytest.raises(runs.TrainingError, match="--run-dir .*file is a file"):
+        train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "file")}))
