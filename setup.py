@@ -17,7 +17,7 @@ setup(
         # calling LLMs (target_data.py, evaluate.py): the official client, never a hand-written one
         "api": ["openai>=1.40"],
         # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
-        "test": ["pytest", "hypothesis", "transformers>=5.0,<6", "peft>=0.17", "openai>=1.40"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=5.0,<6", "peft>=0.17", "openai>=1.40"],
         "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil", "openai>=1.40"],
     },
 )

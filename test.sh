@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".[test]"
-python -m pytest -q tests "$@"
+# two workers (tests/conftest.py gives each one thread): most tests wait on subprocesses, files and sockets
+python -m pytest -q -n 2 --dist loadscope tests "$@"

@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny config, a fixed seed, and reference checkpoints written by transformers."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from phi2 import Phi2Config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # test.sh runs two workers on two cores: one thread each, and
+    torch.set_num_threads(1)               # the same for the subprocesses the tests start
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHI2_FILES = SHARED / "phi-2"
