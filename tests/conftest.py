@@ -83,3 +83,9 @@ def tiny_checkpoint(tmp_path_factory):
     phi2.save_hf_checkpoint(phi2.build_model(config), folder)
     phi2.train_tokenizer(TEXTS, config.vocab_size).save(folder)
     return folder
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test (the whole quickstart, about 2 minutes) first, so that under test.sh's two workers
+    it runs beside the rest rather than after it."""
+    items.sort(key=lambda item: "test_quickstart.py" not in item.nodeid)
