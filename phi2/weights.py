@@ -165,17 +165,20 @@ def load_weights(model: Phi2, folder) -> None:
 
 
 def fingerprint(model: Phi2) -> str:
-    """A short hash identifying the base weights, whatever dtype they were loaded in: the config, and
-    each checkpoint tensor sampled at about 1024 evenly spaced elements, rounded to bf16. Adapters and heads
-    record it to refuse a base they were not trained on. (LoRA layers are not part of it; a merged LoRA
-    changes the weights and so the fingerprint.)"""
+    """A short hash identifying the base weights, the same whatever float type they are stored or loaded in:
+    the config, and each checkpoint tensor's name, shape and the sign bits of about 1024 evenly spaced elements.
+    Rounding to bf16 or fp16 never changes a sign bit (not even rounding to zero or to infinity), so a copy
+    re-saved in another dtype keeps its fingerprint; another base, the same base fine-tuned or with an adapter
+    merged into it, flips the signs of many of its near-zero weights. Adapters and heads record it to refuse a
+    base they were not trained on. (LoRA layers are not part of it.)"""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
     params = model.state_dict()
     for name in sorted(hf_to_ours(model.config.n_layer).values()):
-        flat = params[name].detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.bfloat16)
-        h.update(name.encode())
-        h.update(sample.view(torch.int16).numpy().tobytes())
+        tensor = params[name].detach()
+        flat = tensor.reshape(-1)
+        signs = torch.signbit(flat[:: max(1, flat.numel() // 1024)]).to("cpu", torch.uint8)
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(signs.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny config, a fixed seed, and reference checkpoints written by transformers."""
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def tiny_cfg():
 # The configurations every reference-parity test runs on.
 PARITY_CONFIGS = {
     "tiny": Phi2Config.from_name("tiny"),
-    "phi-2-2layer": Phi2Config.from_name("phi-2", n_layer=2),  # full width: 2560 wide, 32 heads, R = 32 of 80
+    # full width (2560 wide, 32 heads, rotary 32 of 80), 2 layers, and a 4096-token vocabulary rather than 51200
+    # (which would make the checkpoint 1 GB; the wide head's chunking is tested in test_model.py)
+    "phi-2-2layer": Phi2Config.from_name("phi-2", n_layer=2, vocab_size=4096),
     "gqa": Phi2Config.from_name("tiny", n_kv_head=2),  # fewer key/value heads than query heads
 }
 
@@ -59,12 +62,22 @@ def skip_emulated_bf16(config: Phi2Config):
 
 @pytest.fixture(scope="session", params=list(PARITY_CONFIGS))
 def hf_reference(request, tmp_path_factory):
-    """(config, checkpoint folder, transformers model) for each parity config, built once per session."""
+    """(config, checkpoint folder, transformers model) for each parity config, built once per test run: the
+    first of test.sh's workers to need one writes it, under a lock, and the other loads what it wrote."""
+    transformers = pytest.importorskip("transformers")
     config = PARITY_CONFIGS[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
-    shard = "200MB" if config.n_embd > 1000 else "2MB"
-    hf = save_hf_reference(config, folder, max_shard_size=shard)
-    return config, folder, hf
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / f"hf-reference-{request.param}"
+    with open(root / f"hf-reference-{request.param}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "written").exists():
+            shard = "200MB" if config.n_embd > 1000 else "2MB"
+            hf = save_hf_reference(config, folder, max_shard_size=shard)
+            (folder / "written").touch()
+            return config, folder, hf
+    return config, folder, transformers.PhiForCausalLM.from_pretrained(folder).eval()
 
 
 TEXTS = [f"{verb} a {thing} about {topic}, {style}." for verb in ("Write", "Explain", "Summarize", "Draft")

@@ -269,3 +269,22 @@ def test_resume_refuses_changed_data_and_out_of_the_wrong_kind(tmp_path):
         train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "r2")}, out=str(tmp_path / "file")))
     with pytest.raises(runs.TrainingError, match="--run-dir .*file is a file"):
         train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "file")}))
+
+
+def test_a_base_resaved_in_another_dtype_keeps_its_fingerprint(tmp_path):
+    """fp32 -> bf16 -> fp16 copies of one base, with weights small enough that fp16 rounds them to subnormals
+    or to zero, all have one fingerprint (a head or adapter trained on one loads on the others); a base whose
+    weights moved by a little does not."""
+    from phi2.weights import fingerprint
+    model = phi2.build_model("tiny")
+    with torch.no_grad():
+        model.layers[0].mlp.fc1.weight.mul_(1e-6)  # ~2e-8: below fp16's smallest normal, some below its subnormals
+        model.layers[1].mlp.fc2.weight.mul_(3e-3)
+    prints = set()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        phi2.save_hf_checkpoint(model.to(dtype), tmp_path / str(dtype))
+        prints |= {fingerprint(phi2.load_model(tmp_path / str(dtype), dtype=d)) for d in (torch.float32, dtype)}
+    assert len(prints) == 1
+    with torch.no_grad():
+        model.float().layers[2].self_attn.dense.weight.add_(1e-3 * torch.randn_like(model.layers[2].self_attn.dense.weight))
+    assert fingerprint(model) not in prints

@@ -175,7 +175,7 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(autocast)
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_cross_entropy_with_a_low_rank_update_matches_the_materialised_weight(autocast):
     from phi2.fused import linear_cross_entropy
-    N, C, V, r, s = 200, 32, 70_000, 4, 2.0
+    N, C, V, r, s = 130, 32, 70_000, 4, 2.0  # 3 chunks of 59 rows
     h0, t = torch.randn(N, C), torch.randint(0, V, (N,))
     W0, b0 = torch.randn(V, C) * 0.1, torch.randn(V) * 0.1
     A0, B0 = torch.randn(r, C) * 0.1, torch.randn(V, r) * 0.1

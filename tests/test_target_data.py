@@ -165,7 +165,7 @@ def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
 def test_the_key_never_appears(server_factory, prompts_file, tmp_path):
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, str(ROOT / "target_data.py"), "--model", "target-1", "--data", str(prompts_file),
-            "--api-key-env", "TEST_KEY", "--concurrency", "2", "--out", str(out), "--cache", ""]
+            "--api-key-env", "TEST_KEY", "--concurrency", "2", "--out", str(out), "--cache", "", "--retry-base", "0.05"]
     env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     good = server_factory(fail={"prompt number 0": [500, 500]})
     ok = subprocess.run(argv + ["--base-url", good.url], env=env, cwd=ROOT, capture_output=True, text=True)

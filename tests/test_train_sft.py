@@ -52,10 +52,10 @@ def test_training_lowers_validation_loss_and_leaves_the_base_alone(data, tmp_pat
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path):
-    straight = train_sft.main(config(data, tmp_path / "a", max_steps=20))
-    train_sft.main(config(data, tmp_path / "b", max_steps=20, stop_after=10))
-    assert max(losses(tmp_path / "b")) == 10
-    resumed = train_sft.main(config(data, tmp_path / "b", max_steps=20, resume=True))
+    straight = train_sft.main(config(data, tmp_path / "a", max_steps=12))
+    train_sft.main(config(data, tmp_path / "b", max_steps=12, stop_after=7))
+    assert max(losses(tmp_path / "b")) == 7
+    resumed = train_sft.main(config(data, tmp_path / "b", max_steps=12, resume=True))
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert resumed["best_val_loss"] == straight["best_val_loss"]
     for name, m in lora.lora_modules(straight["model"]).items():
