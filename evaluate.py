@@ -200,11 +200,16 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
     """Greedy rewrites by the prompter, through generate.py (which resumes its --out after a stop); the
     file is named by what makes the rewrites, so that another adapter or head never reuses them."""
     import generate
+    from head_adapter import content_id, stage1_id
 
     texts = sorted({item.instruction for item in items})
     made_by = [cfg.model, cfg.lora, cfg.head, cfg.max_new_tokens, texts]
-    for f in (Path(cfg.lora or "") / "adapter_model.safetensors", Path(cfg.head or "")):
-        made_by.append(hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None)
+    for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
+                           (Path(cfg.head or ""), content_id)):
+        try:  # their contents, not their bytes; generate.py below names what is wrong with a bad file
+            made_by.append(identity(path) if path.is_file() else None)
+        except Exception:  # noqa: BLE001
+            made_by.append(None)
     name = hashlib.sha256(json.dumps(made_by, default=str).encode()).hexdigest()[:12]
     path = out / f"rewrites-{name}.jsonl"
     if path.exists():
