@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 import cli
-from llm import DEFAULT_CACHE, LLM, Cache, RequestFailed, concurrently
+from llm import DEFAULT_CACHE, LLM, Cache, Pool, RequestFailed
 from phi2.errors import UsageError
 from phi2.files import write_atomic
 from prompts import read_records
@@ -313,26 +313,15 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     empty = sum(1 for item in items if not rewrites[item.instruction].strip())
     optimised = {item.instruction: rewrites[item.instruction].strip() or item.instruction for item in items}
 
-    # 2. the target's answers to both prompts (temperature 0 by default: each prompt asked once)
-    prompts = sorted({item.instruction for item in items} | set(optimised.values()))
-    answers, failed = ask(target, prompts, lambda text: ([{"role": "user", "content": text}],
-                          dict(temperature=cfg.temperature, max_tokens=cfg.max_tokens)), cfg, "answers")
-
-    # 3. the judgments, in both orders
-    sides = [("optimised", lambda item: optimised[item.instruction])]
+    # 2. the target's answers to both prompts (temperature 0 by default: each prompt asked once), and 3. the
+    # judgments in both orders, each item's asked as soon as its answers are in
     if references is None:  # optimised against original
-        pairs = lambda item: [(answers.get(item.instruction), answers.get(optimised[item.instruction]))]  # noqa: E731
+        pairs = lambda item, answers: [(answers.get(item.instruction),  # noqa: E731
+                                        answers.get(optimised[item.instruction]))]
     else:  # each side against the reference
-        sides.insert(0, ("original", lambda item: item.instruction))
-        pairs = lambda item: [(answers.get(prompt(item)), references[item.instruction]) for _, prompt in sides]  # noqa
-    requests = []
-    for item in items:
-        for x, y in pairs(item):
-            if x is not None and y is not None:
-                requests += [(item.instruction, x, y), (item.instruction, y, x)]
-    params = dict(temperature=0.0, max_tokens=cfg.judge_max_tokens)
-    replies, failed_judgments = ask(judge, sorted(set(requests)), lambda r: (judge_messages(*r), params), cfg,
-                                    "judgments")
+        pairs = lambda item, answers: [(answers.get(prompt), references[item.instruction])  # noqa: E731
+                                       for prompt in (item.instruction, optimised[item.instruction])]
+    answers, replies, failed = ask(target, judge, items, optimised, pairs, cfg)
 
     # 4. the table
     rows, unparsed, incomplete = [], [], 0
@@ -341,7 +330,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
                "rewrite": optimised[item.instruction], "answer_original": answers.get(item.instruction),
                "answer_optimised": answers.get(optimised[item.instruction])}
         raw = [(replies.get((item.instruction, x, y)), replies.get((item.instruction, y, x))) if x and y else
-               (None, None) for x, y in pairs(item)]
+               (None, None) for x, y in pairs(item, answers)]
         if any(a is None or b is None for a, b in raw):
             incomplete += 1
             row["status"] = "incomplete"
@@ -362,7 +351,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     results = {"mode": "reference" if reference_mode else "pairwise", "target": cfg.target_model,
                "judge": cfg.judge_model, "instructions": cfg.instructions, "items": len(items),
                "judged": len(judged), "unparsed": len(unparsed), "incomplete": incomplete,
-               "empty_rewrites": empty, "failed_requests": failed + failed_judgments,
+               "empty_rewrites": empty, "failed_requests": failed,
                "overall": summarise(judged, reference_mode, cfg.bootstrap, cfg.seed), "categories": {}}
     for category in sorted({r["category"] for r in judged if r["category"]}):
         subset = [r for r in judged if r["category"] == category]
@@ -377,32 +366,60 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         print(f"{len(unparsed)} items had a judge reply without a verdict (e.g. {unparsed[0]}); they are left out "
               "of the table and listed in judgments.jsonl", file=sys.stderr)
     if incomplete:
-        print(f"{incomplete} items are incomplete ({failed + failed_judgments} requests failed); rerun the same "
+        print(f"{incomplete} items are incomplete ({failed} requests failed); rerun the same "
               "command to complete them (answered requests come from the cache)", file=sys.stderr)
     print(f"wrote {out / 'results.json'}, {out / 'judgments.jsonl'} and {out / 'report.html'}", file=sys.stderr)
     return results
 
 
-def ask(llm: LLM, keys: list, messages_of, cfg: EvalConfig, what: str) -> tuple[dict, int]:
-    """{key: reply} for every key whose request (messages_of(key) -> (messages, params)) succeeded, and the
-    number that failed; at most --concurrency in flight, with a progress bar."""
-    def call(key):
-        messages, params = messages_of(key)
-        return llm.chat(messages, **params)
+def ask(target: LLM, judge: LLM, items: list[Item], optimised: dict, pairs, cfg: EvalConfig) -> tuple:
+    """(answers {prompt: text}, replies {(instruction, x, y): judge's text}, number of failed requests).
+    Every prompt is asked once; an item's judgments (each (x, y) of pairs(item, answers), in both orders) are
+    asked as soon as both its answers are in, so that the judge works while the target still answers. At
+    most --concurrency requests in flight, with a progress bar."""
+    prompts = sorted({item.instruction for item in items} | set(optimised.values()))
+    waiting = {}  # prompt -> the items whose judgments wait for its answer
+    for item in items:
+        for prompt in {item.instruction, optimised[item.instruction]}:
+            waiting.setdefault(prompt, []).append(item)
+    answer_params = dict(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    judge_params = dict(temperature=0.0, max_tokens=cfg.judge_max_tokens)
 
-    replies, failed = {}, []
-    with tqdm(total=len(keys), unit="request", desc=what, file=sys.stderr) as bar:
-        for key, reply, error in concurrently(call, keys, cfg.concurrency):
-            if isinstance(error, RequestFailed):
-                failed.append(str(error))
-            elif error is not None:
-                raise error  # a refused key or redirect: nothing else would work either
-            else:
-                replies[key] = reply
+    def call(request):
+        kind, key = request
+        if kind == "answer":
+            return target.chat([{"role": "user", "content": key}], **answer_params)
+        return judge.chat(judge_messages(*key), **judge_params)
+
+    pool = Pool(call, cfg.concurrency)
+    for prompt in prompts:
+        pool.submit(("answer", prompt))
+    answers, replies, failed, asked = {}, {}, [], set()
+    judgments = 2 * len(pairs(items[0], {})) * len(items) if items else 0  # at most; fewer when some are shared
+    with tqdm(total=len(prompts) + judgments, unit="request", desc="answers and judgments", file=sys.stderr) as bar:
+        for (kind, key), reply, error in pool.results():
             bar.update()
+            if isinstance(error, RequestFailed):
+                failed.append(f"({'answer' if kind == 'answer' else 'judgment'}) {error}")
+                continue
+            if error is not None:
+                raise error  # a refused key or redirect: nothing else would work either
+            if kind == "judgment":
+                replies[key] = reply
+                continue
+            answers[key] = reply
+            for item in waiting[key]:
+                if item.instruction in answers and optimised[item.instruction] in answers:
+                    for x, y in pairs(item, answers):
+                        for request in ((item.instruction, x, y), (item.instruction, y, x)):
+                            if request not in asked:
+                                asked.add(request)
+                                pool.submit(("judgment", request))
+        bar.total = bar.n  # the judgments of items with a failed answer, and shared ones, were never asked
+        bar.refresh()
     for line in failed[:3]:
-        print(f"failed ({what}): {line}", file=sys.stderr)
-    return replies, len(failed)
+        print(f"failed {line}", file=sys.stderr)
+    return answers, replies, len(failed)
 
 
 # ---------------------------------------------------------------------------------------------- reports

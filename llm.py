@@ -13,8 +13,9 @@
   why, and the run goes on without that answer. A refused key stops the run (LLMError, one line).
 - **Keys.** Read from the environment only, sent only to the endpoint's own origin (a redirect elsewhere is
   refused), and replaced by *** in every answer, message and file this module writes.
-- **Concurrency.** `concurrently` runs calls on daemon threads: Ctrl-C returns at once, keeping every
-  answer already cached, and drops only the requests in flight.
+- **Concurrency.** `Pool` (and `concurrently`, for a fixed list) runs calls on daemon threads, taking new work
+  while it runs: Ctrl-C returns at once, keeping every answer already cached, and drops only the requests in
+  flight.
 """
 
 import hashlib
@@ -114,7 +115,9 @@ class LLM:
                 raise LLMError(f"{self.base_url} redirected to another origin, {request.url.netloc.decode()}; "
                                "refused, so that the API key goes nowhere else: give the final URL")
 
-        http = openai.DefaultHttpxClient(event_hooks={"request": [same_origin]}, timeout=timeout)
+        # plain http (a local server) needs no TLS context: building one loads the CA store, 90 ms
+        tls = {} if origin[0] == "https" else {"verify": False}
+        http = openai.DefaultHttpxClient(event_hooks={"request": [same_origin]}, timeout=timeout, **tls)
         self.client = openai.OpenAI(api_key=self.key, base_url=self.base_url, max_retries=0, timeout=timeout,
                                     http_client=http)
 
@@ -190,31 +193,57 @@ def _retry_after(headers) -> float | None:
         return None  # an HTTP date: the backoff decides
 
 
-def concurrently(call, items, workers: int):
-    """(item, result, error) for each item as its call(item) finishes, with at most `workers` calls at once.
-    The threads are daemons and the waiting wakes twice a second: Ctrl-C stops at once."""
-    items = list(items)
-    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
-    for item in items:
-        todo.put(item)
+class Pool:
+    """call(item) on at most `workers` daemon threads; results() yields (item, result, error) as each call
+    finishes, including those of items submitted while it runs (evaluate.py asks an item's judgments as soon
+    as its answers are in). The waiting wakes twice a second, so Ctrl-C stops at once; the threads end when
+    results() does, after the calls they are in."""
 
-    def work():
-        while True:
+    def __init__(self, call, workers: int):
+        self.call, self.workers, self.threads = call, workers, 0
+        self.todo, self.done = queue.SimpleQueue(), queue.SimpleQueue()
+        self.pending = 0  # submitted and not yet yielded
+
+    def submit(self, item):
+        self.pending += 1
+        self.todo.put(item)
+        if self.threads < min(self.workers, self.pending):  # a thread per call in flight, up to `workers`
+            self.threads += 1
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self):
+        while (item := self.todo.get()) is not _STOP:
             try:
-                item = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                done.put((item, call(item), None))
+                self.done.put((item, self.call(item), None))
             except Exception as e:  # LLMError included: the caller decides
-                done.put((item, None, e))
+                self.done.put((item, None, e))
 
-    for _ in range(min(workers, len(items))):
-        threading.Thread(target=work, daemon=True).start()
-    for _ in items:
-        while True:
-            try:
-                yield done.get(timeout=0.5)
-                break
-            except queue.Empty:
-                continue
+    def results(self):
+        try:
+            while self.pending:
+                try:
+                    result = self.done.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self.pending -= 1
+                yield result
+        finally:  # work not started is dropped (after Ctrl-C, or when the caller stops early)
+            while True:
+                try:
+                    self.todo.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in range(self.threads):
+                self.todo.put(_STOP)
+            self.threads = 0
+
+
+_STOP = object()
+
+
+def concurrently(call, items, workers: int):
+    """(item, result, error) for each item as its call(item) finishes, with at most `workers` calls at once."""
+    pool = Pool(call, workers)
+    for item in items:
+        pool.submit(item)
+    yield from pool.results()
