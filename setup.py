@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["phi2", "phi2.*"]),
     py_modules=["cli", "hardware", "runs", "lora", "head_adapter", "prompts", "train_sft", "train_head", "generate",
-                "target_data", "quickstart", "ddp", "llm", "evaluate"],
+                "target_data", "quickstart", "ddp", "llm", "evaluate", "export", "serve"],
     # Install torch first (pip install torch==2.13.0 here): a bare requirement with no torch present
     # would fetch a multi-GB CUDA build. Any 2.5+ satisfies this range (SDPA's enable_gqa).
     install_requires=["torch>=2.5", "tokenizers>=0.19", "safetensors>=0.8", "numpy", "tqdm"],

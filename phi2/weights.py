@@ -198,12 +198,20 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Phi2:
 
 def save_hf_checkpoint(model: Phi2, folder, max_shard_bytes: int | None = None) -> None:
     """Write model in microsoft/phi-2's layout (config.json, safetensors shards, index), atomically per file."""
+    ours_to_hf = {ours: hf for hf, ours in hf_to_ours(model.config.n_layer).items()}
+    tensors = {ours_to_hf[k]: v for k, v in model.state_dict().items()}
+    save_hf_tensors(tensors, model.config.to_hf_dict(), folder, max_shard_bytes)
+
+
+def save_hf_tensors(tensors: dict, hf_config: dict, folder, max_shard_bytes: int | None = None) -> None:
+    """Write {HF name: tensor} and config.json as transformers' save_pretrained does: one model.safetensors,
+    or model-0000i-of-0000n.safetensors shards of at most max_shard_bytes with model.safetensors.index.json;
+    each file atomically. The config's dtype fields are set from the tensors'."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ours_to_hf = {ours: hf for hf, ours in hf_to_ours(model.config.n_layer).items()}
-    tensors = {ours_to_hf[k]: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -214,8 +222,8 @@ def save_hf_checkpoint(model: Phi2, folder, max_shard_bytes: int | None = None) 
         size += nbytes
     shards.append(current)
 
-    hf_config = model.config.to_hf_dict()
-    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    hf_config = {**hf_config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in hf_config else {})}
     with atomic_path(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
     names = ["model.safetensors"] if len(shards) == 1 else \

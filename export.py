@@ -1,0 +1,128 @@
+"""One plain Hugging Face Phi-2 checkpoint per target, for vLLM, TGI or transformers:
+
+    python export.py --lora runs/sft/best --head mistral.safetensors --out phi2-prompter-mistral
+
+The stage-1 LoRA is merged into its projections (W + (alpha/r) B A, as generate.py merges it) and the head
+is folded into the LM head. The head computes W (A h + c) + b, with A, c its adapter and W, b its head (the
+full copy, or the base head plus its low-rank update W0 + s B' A'); that is one linear layer, W' h + b', with
+
+    W' = W A        b' = W c + b
+
+computed in float64 and written in --dtype. The folder is a standard Phi-2 checkpoint (the base's
+config.json, safetensors shards and index as transformers writes them, the tokenizer files, a README naming
+the base and the adapters) that PhiForCausalLM loads and vLLM serves, with tensor parallelism across GPUs.
+--no-head exports stage 1 alone. The folder is written beside --out and renamed into place when complete.
+"""
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+from head_adapter import base_folder, content_id, load_head, load_prompter
+from phi2.errors import UsageError
+from phi2.weights import hf_to_ours, save_hf_tensors
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExportConfig:
+    out: str
+    lora: str | None = None
+    head: str | None = None
+    no_head: bool = False
+    model: str | None = None  # default: the base the stage-1 adapter names
+    dtype: str = "auto"  # auto: the base checkpoint's own
+    shard_gb: float = 5.0
+    overwrite: bool = False
+
+
+def parse_args(argv=None) -> ExportConfig:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--lora", help="stage-1 LoRA adapter folder, e.g. runs/sft/best")
+    p.add_argument("--head", help="a stage-2 head file, folded into the LM head")
+    p.add_argument("--no-head", action="store_true", help="export stage 1 alone (the base LM head)")
+    p.add_argument("--model", help="base checkpoint folder (default: the --lora adapter's base)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="of the written weights; auto: the base checkpoint's (fp16 for microsoft/phi-2)")
+    p.add_argument("--shard-gb", type=cli.positive_float, default=5.0, help="largest safetensors shard, in GB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cfg = ExportConfig(**vars(p.parse_args(argv)))
+    if bool(cfg.head) == cfg.no_head:
+        raise UsageError("give --head FILE to fold a target's head in, or --no-head to export stage 1 alone")
+    return cfg
+
+
+@torch.no_grad()
+def fold_head(head) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of the one linear layer equal to head: W' = W A, b' = W c + b, in float64."""
+    A, c = head.adapter.weight.double(), head.adapter.bias.double()  # (C, C), (C,)
+    lm = head.lm_head
+    W = lm.weight.double()  # (V, C): the full copy, or the frozen base head ...
+    if head.head_rank is not None:  # ... plus its low-rank update
+        W = W + lm.scaling * (lm.lora_B.double() @ lm.lora_A.double())
+    return W @ A, W @ c + lm.bias.double()
+
+
+def main(cfg: ExportConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UsageError(f"--out {out} exists; choose another folder, or pass --overwrite to replace it")
+    folder = base_folder(cfg.model, cfg.lora)
+    base_config = json.loads((folder / "config.json").read_text())
+    stored = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else getattr(torch, stored, torch.float32)
+
+    # fp32 throughout, as generate.py's fp32 path: the merge is the same arithmetic
+    model, _, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, torch.float32)
+    params = model.state_dict()
+    tensors = {hf: params[ours].to(dtype) for hf, ours in hf_to_ours(model.config.n_layer).items()}
+    target = None
+    if cfg.head:
+        head = load_head(cfg.head, model, base_fingerprint, stage1, dtype=torch.float32)
+        weight, bias = fold_head(head)
+        tensors["lm_head.weight"], tensors["lm_head.bias"] = weight.to(dtype), bias.to(dtype)
+        target = head.target
+
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_tensors(tensors, base_config, tmp, max_shard_bytes=int(cfg.shard_gb * 1e9))
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, tmp / name)
+    (tmp / "README.md").write_text(readme(cfg, folder, base_fingerprint, stage1, target, dtype))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"wrote {out}: Phi-2 with {'the stage-1 adapter merged' if cfg.lora else 'no stage-1 adapter'}"
+          f"{f' and the {target} head folded in' if target else ''}, {str(dtype).removeprefix('torch.')}",
+          file=sys.stderr)
+    return out
+
+
+def readme(cfg: ExportConfig, base: Path, base_fingerprint: str, stage1: str, target, dtype) -> str:
+    lines = [f"# phi2-prompter{f' for {target}' if target else ' (stage 1)'}", "",
+             "A prompt rewriter: Microsoft Phi-2 with phi2-prompter's adapters merged in, as a plain Phi-2 "
+             "checkpoint. Give it `System: Fix the following prompt. Prompt: {prompt}. Answer:` and it continues "
+             "with the improved prompt.", "",
+             f"- base: `{base}` (weight fingerprint {base_fingerprint})",
+             f"- stage-1 LoRA: `{cfg.lora}` (content id {stage1}), merged into the projections" if cfg.lora else
+             "- stage-1 LoRA: none",
+             f"- stage-2 head for `{target}`: `{cfg.head}` (content id {content_id(cfg.head)}), folded into "
+             "lm_head" if target else "- stage-2 head: none (the base LM head)",
+             f"- weights: {str(dtype).removeprefix('torch.')}", "",
+             "Serve it with vLLM: `vllm serve <this folder> --tensor-parallel-size N`; or load it with "
+             "transformers' `PhiForCausalLM.from_pretrained`.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli.run("export.py", main, parse_args)

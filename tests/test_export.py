@@ -1,0 +1,78 @@
+"""export.py: the stage-1 LoRA merged and the head folded into one plain Phi-2 folder, which transformers'
+PhiForCausalLM loads to give our stack's logits (base + LoRA + head, fp32) and its greedy tokens."""
+
+import json
+
+import pytest
+import torch
+
+import export
+import head_adapter as ha
+import lora
+import phi2
+from phi2.generation import generate
+
+
+@pytest.fixture(scope="module")
+def prompter(tiny_checkpoint, tmp_path_factory):
+    """A stage-1 adapter and two heads (full, rank 4) with random, non-trivial values, saved as the trainers do."""
+    out = tmp_path_factory.mktemp("export")
+    model = phi2.load_model(tiny_checkpoint)
+    base_fp = phi2.weights.fingerprint(model)
+    lora.inject(model, rank=4, alpha=8.0)
+    torch.manual_seed(0)
+    for m in lora.lora_modules(model).values():
+        m.lora_B.data.normal_(std=0.05)
+    lora.save_adapter(model, out / "lora", base_path=tiny_checkpoint.resolve(), base_fingerprint=base_fp)
+    merged, _, fp, stage1 = ha.load_prompter(None, out / "lora", torch.float32)
+    for rank in (None, 4):
+        head = ha.HeadAdapter(merged.lm_head, rank)
+        with torch.no_grad():
+            for p in head.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        ha.save_head(head, out / f"head-{rank}.safetensors", f"target-{rank}", merged, fp, stage1)
+    return out
+
+
+def ours(prompter, head_file):
+    model, _, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
+    head = ha.load_head(head_file, model, fp, stage1) if head_file else None
+    return model, head
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_transformers_on_the_export_gives_our_logits_and_tokens(prompter, tmp_path, rank):
+    transformers = pytest.importorskip("transformers")
+    head_file = prompter / f"head-{rank}.safetensors"
+    out = export.main(export.parse_args(["--lora", str(prompter / "lora"), "--head", str(head_file), "--out",
+                                         str(tmp_path / "x"), "--dtype", "fp32", "--shard-gb", "0.0004"]))
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # sharded as transformers shards
+    assert len(set(index["weight_map"].values())) > 1 and (out / "tokenizer.json").exists()
+    assert f"target-{rank}" in (out / "README.md").read_text()
+    hf = transformers.PhiForCausalLM.from_pretrained(out).eval()
+    model, head = ours(prompter, head_file)
+    x = torch.randint(0, model.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        expected = head(model.hidden_states(x))
+        assert (hf(x).logits - expected).abs().max().item() <= 1e-4
+        assert not torch.allclose(expected, model(x), atol=1e-2)  # the head changes the logits
+    prompt = x[0].tolist()
+    ref = hf.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=24, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(model, [prompt], 24, head=head)[0].ids == ref
+
+
+def test_no_head_exports_stage_one_and_refusals(prompter, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(tmp_path / "s1")]))
+    hf = transformers.PhiForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model, _ = ours(prompter, None)
+    x = torch.randint(0, model.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
+    with pytest.raises(export.UsageError, match="exists; choose another folder, or pass --overwrite"):
+        export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(out)]))
+    with pytest.raises(export.UsageError, match="give --head FILE .* or --no-head"):
+        export.parse_args(["--lora", str(prompter / "lora"), "--out", str(tmp_path / "y")])
+    assert not list(tmp_path.glob(".*partial"))
