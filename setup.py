@@ -16,8 +16,12 @@ setup(
     extras_require={
         # calling LLMs (target_data.py, evaluate.py): the official client, never a hand-written one
         "api": ["openai>=1.40"],
+        # serve.py: the OpenAI-compatible server and the proxy
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         # transformers and peft are numerical oracles for the tests and benchmarks, never used by the product
-        "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=5.0,<6", "peft>=0.17", "openai>=1.40"],
-        "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil", "openai>=1.40"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "transformers>=5.0,<6", "peft>=0.17", "openai>=1.40",
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "bench": ["transformers>=5.0,<6", "peft>=0.17", "psutil", "openai>=1.40", "fastapi>=0.110", "uvicorn>=0.29",
+                  "httpx>=0.27"],
     },
 )

@@ -100,7 +100,7 @@ class _Row:
         self.ids, self.text, self.released, self.finish = [], "", 0, None
 
 
-def _releasable(text, stop_strings):
+def releasable(text, stop_strings):
     """(text up to any stop string, whether one was found), holding back a possible partial stop string
     and an incomplete UTF-8 character at the end."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
@@ -227,7 +227,7 @@ def _decode_text(step, token, max_new_tokens, eos_id, tokenizer, stop_strings, c
                 row.finish = "eos"
             else:
                 row.ids.append(tok)
-            row.text, stopped = _releasable(tokenizer.decode(row.ids), stop_strings)
+            row.text, stopped = releasable(tokenizer.decode(row.ids), stop_strings)
             row.finish = "stop" if stopped else row.finish
             if not row.finish and i == max_new_tokens - 1:
                 row.finish = "length"

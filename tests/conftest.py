@@ -102,3 +102,28 @@ def pytest_collection_modifyitems(items):
     """The longest test (the whole quickstart, about 2 minutes) first, so that under test.sh's two workers
     it runs beside the rest rather than after it."""
     items.sort(key=lambda item: "test_quickstart.py" not in item.nodeid)
+
+
+def write_prompter(base, out, targets=("alpha", "beta"), head_ranks=(None, 4)):
+    """A stage-1 adapter (out/lora) on the base folder and one head per target (out/{target}.safetensors), with
+    random non-trivial values, saved as the trainers save them; heads take head_ranks in turn."""
+    import head_adapter as ha
+    import lora
+    import phi2
+
+    model = phi2.load_model(base)
+    base_fp = phi2.weights.fingerprint(model)
+    lora.inject(model, rank=4, alpha=8.0)
+    generator = torch.Generator().manual_seed(0)
+    for m in lora.lora_modules(model).values():
+        m.lora_B.data = 0.05 * torch.randn(m.lora_B.shape, generator=generator)
+    lora.save_adapter(model, out / "lora", base_path=Path(base).resolve(), base_fingerprint=base_fp)
+    merged, _, fp, stage1 = ha.load_prompter(None, out / "lora", torch.float32)
+    for i, target in enumerate(targets):
+        head = ha.HeadAdapter(merged.lm_head, head_ranks[i % len(head_ranks)])
+        with torch.no_grad():
+            for p in head.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        ha.save_head(head, out / f"{target}.safetensors", target, merged, fp, stage1)
+    return out

@@ -8,31 +8,14 @@ import torch
 
 import export
 import head_adapter as ha
-import lora
-import phi2
 from phi2.generation import generate
+from tests.conftest import write_prompter
 
 
 @pytest.fixture(scope="module")
 def prompter(tiny_checkpoint, tmp_path_factory):
-    """A stage-1 adapter and two heads (full, rank 4) with random, non-trivial values, saved as the trainers do."""
-    out = tmp_path_factory.mktemp("export")
-    model = phi2.load_model(tiny_checkpoint)
-    base_fp = phi2.weights.fingerprint(model)
-    lora.inject(model, rank=4, alpha=8.0)
-    torch.manual_seed(0)
-    for m in lora.lora_modules(model).values():
-        m.lora_B.data.normal_(std=0.05)
-    lora.save_adapter(model, out / "lora", base_path=tiny_checkpoint.resolve(), base_fingerprint=base_fp)
-    merged, _, fp, stage1 = ha.load_prompter(None, out / "lora", torch.float32)
-    for rank in (None, 4):
-        head = ha.HeadAdapter(merged.lm_head, rank)
-        with torch.no_grad():
-            for p in head.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn_like(p))
-        ha.save_head(head, out / f"head-{rank}.safetensors", f"target-{rank}", merged, fp, stage1)
-    return out
+    """A stage-1 adapter and two heads, full (head-None) and rank 4 (head-4), with random non-trivial values."""
+    return write_prompter(tiny_checkpoint, tmp_path_factory.mktemp("export"), targets=("head-None", "head-4"))
 
 
 def ours(prompter, head_file):
@@ -49,7 +32,7 @@ def test_transformers_on_the_export_gives_our_logits_and_tokens(prompter, tmp_pa
                                          str(tmp_path / "x"), "--dtype", "fp32", "--shard-gb", "0.0004"]))
     index = json.loads((out / "model.safetensors.index.json").read_text())  # sharded as transformers shards
     assert len(set(index["weight_map"].values())) > 1 and (out / "tokenizer.json").exists()
-    assert f"target-{rank}" in (out / "README.md").read_text()
+    assert f"head-{rank}" in (out / "README.md").read_text()
     hf = transformers.PhiForCausalLM.from_pretrained(out).eval()
     model, head = ours(prompter, head_file)
     x = torch.randint(0, model.config.vocab_size, (2, 19))

@@ -1,0 +1,661 @@
+"""The prompter behind the OpenAI API, and a prompt-optimising proxy in front of any OpenAI-compatible LLM.
+
+    python serve.py --lora runs/sft/best --head mistral.safetensors --head gpt4o.safetensors --port 8000
+    python serve.py --lora runs/sft/best --head mistral.safetensors --upstream mistral=https://api.mistral.ai/v1 \\
+        --upstream-model mistral=mistral-small-latest --upstream-key-env mistral=MISTRAL_API_KEY
+
+`GET /v1/models` lists one model per head (named by its target) and `base` (stage 1 alone). `POST
+/v1/chat/completions` rewrites the last user message, `POST /v1/completions` the prompt: the reply is the
+rewrite. temperature, top_p, max_tokens, stop, seed (choice i of n samples with seed + i), n and stream
+behave as OpenAI documents them. With --upstream NAME=URL, a chat request for model NAME is forwarded
+to that LLM with its last user message rewritten by NAME's head and every other field unchanged; the
+upstream's reply comes back as it came, the rewrite in the X-Optimized-Prompt header (URL-encoded).
+
+Dynamic batching: one thread decodes; the requests waiting when it starts a batch (up to --max-batch) are
+decoded together, sharing the body's forward pass, each row with its own head, sampling, stop strings and
+length; a request that arrives during a batch joins the next one. A row is what the request gets alone.
+Needs the [serve] extra (FastAPI, uvicorn, httpx). Binds 127.0.0.1 unless --host says otherwise.
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import queue
+import random
+import re
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import cli
+import hardware
+from head_adapter import load_head, load_prompter
+from phi2.errors import UsageError
+from phi2.generation import left_padding, releasable, sample
+from phi2.tokenizer import pad
+from prompts import format_prompt
+
+MAX_BODY = 1 << 20  # bytes of request JSON
+MAX_STOP, MAX_N = 4, 16  # as OpenAI
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's finish_reason
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    lora: str | None = None
+    heads: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_tokens: int = 256  # when a request gives none
+    device: str = "auto"
+    precision: str = "auto"
+    upstream: list[str] = field(default_factory=list)  # NAME=URL
+    upstream_model: list[str] = field(default_factory=list)  # NAME=MODEL
+    upstream_key_env: list[str] = field(default_factory=list)  # NAME=VAR
+    upstream_timeout: float = 600.0
+    log: str | None = None
+
+
+def parse_args(argv=None) -> ServeConfig:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="base checkpoint folder (default: the --lora adapter's base)")
+    p.add_argument("--lora", help="stage-1 LoRA adapter folder, e.g. runs/sft/best")
+    p.add_argument("--head", dest="heads", action="append", default=[], help="a stage-2 head file (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=cli.count, default=8000, help="0: any free port")
+    p.add_argument("--api-key-env", help="require `Authorization: Bearer <the value of this variable>`")
+    p.add_argument("--max-batch", type=cli.positive_int, default=16, help="rows decoded together at most")
+    p.add_argument("--max-queue", type=cli.positive_int, default=64,
+                   help="requests waiting at most; more get 503 with Retry-After")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=256, help="for requests that give none")
+    cli.add_hardware_args(p)
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                   help="proxy: forward chat requests for model NAME to this OpenAI-compatible endpoint")
+    p.add_argument("--upstream-model", action="append", default=[], metavar="NAME=MODEL",
+                   help="the model name the upstream knows (default: NAME)")
+    p.add_argument("--upstream-key-env", action="append", default=[], metavar="NAME=VAR",
+                   help="the environment variable holding the upstream's API key")
+    p.add_argument("--upstream-timeout", type=cli.positive_float, default=600.0, help="seconds per upstream call")
+    p.add_argument("--log", help="proxy: append one JSON line per request (original, rewrite, timing)")
+    cfg = ServeConfig(**vars(p.parse_args(argv)))
+    if cfg.port > 65535:
+        raise UsageError(f"--port {cfg.port}: ports go up to 65535")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+class Job:
+    """One row to decode: the template's ids, the model (head) name, its sampling and stop settings; the
+    decoding thread sends ("text", piece) and then ("done", finish, new tokens) to `events`."""
+
+    def __init__(self, ids, model, max_tokens, temperature=0.0, top_p=None, seed=None, stop=(), loop=None):
+        self.ids, self.model, self.max_tokens = ids, model, max_tokens
+        self.temperature, self.top_p, self.stop = temperature, top_p, list(stop)
+        self.seed = random.randrange(2**63) if seed is None else seed
+        self.loop = loop or asyncio.get_running_loop()
+        self.events = asyncio.Queue()
+        self.cancelled = threading.Event()  # the client went away: the row stops counting
+        self.out, self.sent, self.finish = [], "", None
+
+    def emit(self, *event):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    """The model, its heads by name ("base": none) and the thread that decodes queued jobs in batches."""
+
+    def __init__(self, model, tokenizer, heads: dict, max_batch=16, window=0.005, step_delay=0.0):
+        self.model, self.tokenizer, self.heads = model, tokenizer, heads
+        self.max_batch, self.window = max_batch, window
+        self.step_delay = step_delay  # seconds added to each decode step: for tests of slow batches only
+        self.device = model.lm_head.weight.device
+        self.context = model.config.block_size
+        self.queue = queue.Queue()
+        self.active = 0  # rows of the running batch still wanted
+        self.batch_sizes, self.batch_steps = [], []  # of every batch decoded: for the tests and the benchmark
+        threading.Thread(target=self._run, daemon=True, name="decoder").start()
+
+    def submit(self, jobs: list[Job]):
+        for job in jobs:
+            self.queue.put(job)
+
+    def _run(self):
+        while True:
+            jobs = [self.queue.get()]
+            deadline = time.monotonic() + self.window  # requests sent together arrive within a few ms
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            jobs = [job for job in jobs if not job.cancelled.is_set()]
+            if not jobs:
+                continue
+            try:
+                self.decode(jobs)
+            except Exception as e:  # noqa: BLE001 (a bug or an out-of-memory must not stop the server)
+                for job in jobs:
+                    if job.finish is None:
+                        job.emit("error", f"{type(e).__name__}: {e}")
+            finally:
+                self.active = 0
+
+    @torch.inference_mode()
+    def decode(self, jobs: list[Job]):
+        """Decode the jobs as one left-padded batch, as phi2.generation.generate does one prompt set."""
+        model, device = self.model, self.device
+        self.batch_sizes.append(len(jobs))
+        self.batch_steps.append(0)
+        self.active = len(jobs)
+        B, T = len(jobs), max(len(job.ids) for job in jobs)
+        steps = max(job.max_tokens for job in jobs)
+        generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
+        idx, valid = pad([job.ids for job in jobs], pad_id=0, padding_side="left")  # (B, T)
+        padded = not bool(valid.all())
+        idx, valid = idx.to(device), valid.to(device)
+        mask = position_ids = None
+        if padded:
+            mask, position_ids = left_padding(valid)
+            key_valid = torch.cat([valid, valid.new_ones(B, steps)], dim=1)  # (B, T + steps)
+        model.setup_kv_cache(B, T + steps, device=device)
+        try:
+            h = model.hidden_states(idx, torch.arange(T, device=device), mask, position_ids, kv_len=T)[:, -1]
+            for i in range(steps):
+                self.batch_steps[-1] = i + 1
+                token = self.pick(h, jobs, generators)  # (B,)
+                for job, t in zip(jobs, token.tolist()):
+                    if job.finish is None and not job.cancelled.is_set():
+                        self.advance(job, t, i)
+                self.active = sum(job.finish is None and not job.cancelled.is_set() for job in jobs)
+                if not self.active:
+                    break
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                if padded:
+                    mask = key_valid[:, None, None, : T + i + 1]  # (B, 1, 1, T + i + 1)
+                    position_ids = position_ids[:, -1:] + 1  # (B, 1)
+                pos = torch.arange(T + i, T + i + 1, device=device)
+                h = model.hidden_states(token[:, None], pos, mask, position_ids, kv_len=T + i + 1)[:, -1]
+        finally:
+            model.clear_kv_cache()
+
+    def pick(self, h, jobs, generators):
+        """Each row's next token (B,): its head's logits for h (B, C), then greedy or its own sampling."""
+        rows_of = {}
+        for r, job in enumerate(jobs):
+            rows_of.setdefault(job.model, []).append(r)
+        if len(rows_of) == 1:  # one head for all: the common case, no gather
+            logits = (self.heads[jobs[0].model] or self.model.lm_head)(h)
+        else:  # heads differ only here: the body's pass above was shared
+            logits = torch.empty(len(jobs), self.model.config.vocab_size, dtype=h.dtype, device=h.device)
+            for name, rows in rows_of.items():
+                index = torch.tensor(rows, device=h.device)
+                logits[index] = (self.heads[name] or self.model.lm_head)(h[index])
+        token = sample(logits)  # greedy for every row; sampled rows are redrawn below
+        for r, job in enumerate(jobs):
+            if job.temperature > 0:
+                token[r] = sample(logits[r:r + 1], job.temperature, None, job.top_p, generators[r])[0]
+        return token.to(h.device)
+
+    def advance(self, job: Job, t: int, i: int):
+        """Take token t as the job's step-i token: release what of its text is final, or finish it."""
+        tokenizer = self.tokenizer
+        stopped = False
+        if t == tokenizer.eos_id:
+            job.finish = "eos"
+            text = tokenizer.decode(job.out)
+        else:
+            job.out.append(t)
+            text, stopped = releasable(tokenizer.decode(job.out), job.stop)
+            if stopped:
+                job.finish = "stop"
+            elif i + 1 >= job.max_tokens:
+                job.finish = "length"
+                text = tokenizer.decode(job.out)
+        # the reply is the stripped text: leading spaces are never sent, trailing ones wait for what follows
+        final = text.strip() if job.finish else text.lstrip().rstrip()
+        if len(final) > len(job.sent):
+            job.emit("text", final[len(job.sent):])
+            job.sent = final
+        if job.finish:
+            job.emit("done", FINISH[job.finish], len(job.out) + (job.finish == "eos"))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class APIError(Exception):
+    """Sent as OpenAI's error JSON with this HTTP status."""
+
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code, self.headers = status, type_, param, code, headers or {}
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _number(body, name, kind, low, high, default, low_open=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or
+                                                                                   float(value).is_integer())
+    if not ok_type or value < low or value > high or (low_open and value == low):
+        bound = f"{'above' if low_open else 'at least'} {low} and at most {high}"
+        raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} {bound}; got "
+                            f"{json.dumps(value)[:40]}", param=name, code="invalid_value")
+    return kind(value)
+
+
+@dataclass
+class Settings:
+    model: str
+    n: int
+    max_tokens: int | None
+    temperature: float
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def settings_of(body: dict, models) -> Settings:
+    """The request's common fields, checked as OpenAI checks them (400 on a bad one, 404 on an unknown model)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required: one of " + ", ".join(models), param="model")
+    if model not in models:
+        raise APIError(404, f"The model '{model[:100]}' does not exist; this server has " + ", ".join(models),
+                       param="model", code="model_not_found")
+    for name in ("tools", "functions", "suffix"):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    for name in ("logprobs", "echo"):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise APIError(400, "'stream' must be true or false, 'stream_options' an object", param="stream")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return Settings(
+        model=model, n=_number(body, "n", int, 1, MAX_N, 1),
+        max_tokens=None if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", int, 1, 1 << 20,
+                                                           None),
+        temperature=_number(body, "temperature", float, 0.0, 2.0, 1.0),
+        top_p=_number(body, "top_p", float, 0.0, 1.0, None, low_open=True),
+        seed=_number(body, "seed", int, -(2**63), 2**63 - 1, None), stop=stop, stream=stream,
+        include_usage=bool(options.get("include_usage")))
+
+
+def last_user_message(body: dict) -> tuple[int, str]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            content = messages[i].get("content")
+            if isinstance(content, list):  # text parts
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, "only text parts can be rewritten", param=f"messages[{i}].content")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str) or not content.strip():
+                raise APIError(400, "the last user message has no text to rewrite", param=f"messages[{i}].content")
+            return i, content
+    raise APIError(400, "no user message to rewrite", param="messages")
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class Server:
+    """The FastAPI app around an engine: validation, queueing, replies and streams, auth, the proxy."""
+
+    def __init__(self, engine: Engine, max_queue=64, max_tokens=256, api_key=None, upstreams=None, log=None,
+                 upstream_timeout=600.0):
+        self.engine, self.max_queue, self.max_tokens, self.api_key = engine, max_queue, max_tokens, api_key
+        self.upstreams = upstreams or {}  # name -> (url, model, key)
+        self.log, self.log_lock = (Path(log) if log else None), threading.Lock()
+        self.upstream_timeout = upstream_timeout
+        self.models = list(engine.heads)
+        self.app = self._build()
+
+    # the pieces every endpoint shares
+
+    def check_auth(self, request):
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    async def read_json(self, request) -> dict:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise APIError(413, f"the request body is over {MAX_BODY} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    def jobs_for(self, text: str, s: Settings, count: int) -> tuple[list[Job], int]:
+        """count jobs rewriting text (choice i samples with seed + i), and the prompt's token count."""
+        ids = self.engine.tokenizer.encode(format_prompt(text))
+        context = self.engine.context
+        if len(ids) >= context:
+            raise APIError(413, f"the prompt is {len(ids)} tokens with the template; the context is {context}",
+                           code="context_length_exceeded")
+        max_tokens = s.max_tokens or min(self.max_tokens, context - len(ids))
+        if len(ids) + max_tokens > context:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens ({max_tokens}) exceed the context "
+                                f"of {context} tokens; ask for at most {context - len(ids)}",
+                           param="max_tokens", code="context_length_exceeded")
+        return [Job(ids, s.model, max_tokens, s.temperature, s.top_p, None if s.seed is None else s.seed + i,
+                    s.stop) for i in range(count)], len(ids)
+
+    def enqueue(self, jobs: list[Job]):
+        if self.engine.queue.qsize() + len(jobs) > self.max_queue:
+            raise APIError(503, f"the server is busy ({self.engine.queue.qsize()} requests waiting); retry shortly",
+                           type_="server_error", code="queue_full", headers={"Retry-After": "1"})
+        self.engine.submit(jobs)
+
+    @staticmethod
+    async def events(jobs: list[Job], request):
+        """(choice index, event) as the jobs produce them, until each is done; cancels them all if the
+        client disconnects or the consumer stops."""
+        waiting = {asyncio.ensure_future(job.events.get()): i for i, job in enumerate(jobs)}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                if not done and await request.is_disconnected():
+                    return
+                for task in done:
+                    i = waiting.pop(task)
+                    event = task.result()
+                    if event[0] == "error":
+                        raise RuntimeError(event[1])
+                    yield i, event
+                    if event[0] == "text":
+                        waiting[asyncio.ensure_future(jobs[i].events.get())] = i
+        finally:
+            for task in waiting:
+                task.cancel()
+            for job in jobs:
+                job.cancelled.set()  # a no-op for finished rows; frees the batch slot of the others
+
+    async def complete(self, request, prompts: list[str], s: Settings, chat: bool):
+        """The reply (or stream) for prompts x n choices."""
+        jobs, prompt_tokens = [], 0
+        for text in prompts:
+            more, count = self.jobs_for(text, s, s.n)
+            jobs += more
+            prompt_tokens += count
+        self.enqueue(jobs)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": s.model}
+        if s.stream:
+            return self.stream(request, jobs, head, chat, s, prompt_tokens)
+        texts, finish, completion_tokens = [""] * len(jobs), [None] * len(jobs), 0
+        async for i, event in self.events(jobs, request):
+            if event[0] == "text":
+                texts[i] += event[1]
+            else:
+                finish[i] = event[1]
+                completion_tokens += event[2]
+        if any(f is None for f in finish):
+            return None  # the client left
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": f} if chat else {"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(texts, finish))]
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    def stream(self, request, jobs, head, chat, s, prompt_tokens):
+        from fastapi.responses import StreamingResponse
+
+        def chunk(i, delta=None, text=None, finish=None):
+            choice = {"index": i, "delta": delta} if chat else {"index": i, "text": text or "", "logprobs": None}
+            return {**head, "choices": [{**choice, "finish_reason": finish}]}
+
+        async def sse():
+            completion_tokens = 0
+            if chat:
+                for i in range(len(jobs)):
+                    yield sse_line(chunk(i, {"role": "assistant", "content": ""}))
+            try:
+                async for i, event in self.events(jobs, request):
+                    if event[0] == "text":
+                        yield sse_line(chunk(i, {"content": event[1]}, text=event[1]))
+                    else:
+                        completion_tokens += event[2]
+                        yield sse_line(chunk(i, {}, finish=event[1]))
+            except RuntimeError as e:
+                yield sse_line(APIError(500, str(e), type_="server_error").body())
+                return
+            if s.include_usage:
+                yield sse_line({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def rewrite(self, request, text: str, model: str) -> str:
+        """The greedy rewrite of text by model's head (the proxy's)."""
+        s = Settings(model, 1, None, 0.0, None, None, [], False, False)
+        jobs, _ = self.jobs_for(text, s, 1)
+        self.enqueue(jobs)
+        out = ""
+        async for _, event in self.events(jobs, request):
+            if event[0] == "text":
+                out += event[1]
+        return out
+
+    async def proxy(self, request, body: dict, name: str):
+        """Forward a chat request to NAME's upstream with its last user message rewritten."""
+        import httpx
+        from fastapi.responses import Response, StreamingResponse
+
+        url, upstream_model, key = self.upstreams[name]
+        i, original = last_user_message(body)
+        t0 = time.perf_counter()
+        rewrite = await self.rewrite(request, original, name)
+        rewrite_ms = (time.perf_counter() - t0) * 1000
+        messages = [dict(m) for m in body["messages"]]
+        messages[i]["content"] = rewrite or original
+        forwarded = {**body, "model": upstream_model, "messages": messages}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        redact = (lambda b: b.replace(key.encode(), b"***")) if key else (lambda b: b)
+        optimised = {"X-Optimized-Prompt": urllib.parse.quote(rewrite or original)}
+        client = httpx.AsyncClient(timeout=self.upstream_timeout, follow_redirects=False)
+        t1 = time.perf_counter()
+        try:
+            upstream = await client.send(client.build_request("POST", url + "/chat/completions", json=forwarded,
+                                                              headers=headers), stream=True)
+        except httpx.HTTPError as e:
+            await client.aclose()
+            self.record(name, original, rewrite, rewrite_ms, None, 502)
+            raise APIError(502, f"the upstream for '{name}' did not answer ({type(e).__name__})",
+                           type_="upstream_error") from None
+        media = upstream.headers.get("content-type", "application/json")
+        if not body.get("stream") or upstream.status_code != 200:
+            content = redact(await upstream.aread())
+            await upstream.aclose()
+            await client.aclose()
+            self.record(name, original, rewrite, rewrite_ms, (time.perf_counter() - t1) * 1000, upstream.status_code)
+            return Response(content, status_code=upstream.status_code, media_type=media, headers=optimised)
+
+        async def passthrough():  # line by line, so that a key split across chunks is still caught
+            try:
+                async for line in upstream.aiter_lines():
+                    yield redact(line.encode()) + b"\n"
+            finally:
+                await upstream.aclose()
+                await client.aclose()
+                self.record(name, original, rewrite, rewrite_ms, (time.perf_counter() - t1) * 1000, 200)
+
+        return StreamingResponse(passthrough(), status_code=200, media_type=media, headers=optimised)
+
+    def record(self, name, original, rewrite, rewrite_ms, upstream_ms, status):
+        if not self.log:
+            return
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": name, "original": original,
+                           "rewrite": rewrite, "rewrite_ms": round(rewrite_ms, 1),
+                           "upstream_ms": None if upstream_ms is None else round(upstream_ms, 1),
+                           "status": status}, ensure_ascii=False)
+        with self.log_lock, open(self.log, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def _build(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+        from starlette.exceptions import HTTPException
+
+        app = FastAPI(title="phi2-prompter", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(APIError)
+        async def api_error(request, e: APIError):
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request, e: HTTPException):  # unknown routes, wrong methods
+            return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+        @app.exception_handler(Exception)
+        async def crash(request, e: Exception):  # never a traceback to the client; the server goes on
+            print(f"serve.py: {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return JSONResponse(APIError(500, "internal error", type_="server_error").body(), status_code=500)
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            self.check_auth(request)
+            return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                "owned_by": "phi2-prompter"} for m in self.models]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            self.check_auth(request)
+            body = await self.read_json(request)
+            model = body.get("model")
+            if isinstance(model, str) and model in self.upstreams:  # forwarded as it is: the upstream checks
+                return await self.proxy(request, body, model)
+            s = settings_of(body, self.models)
+            _, text = last_user_message(body)
+            return await self.complete(request, [text], s, chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            self.check_auth(request)
+            body = await self.read_json(request)
+            s = settings_of(body, self.models)
+            prompt = body.get("prompt")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if (not isinstance(prompts, list) or not prompts or len(prompts) * s.n > MAX_N
+                    or not all(isinstance(p, str) and p.strip() for p in prompts)):
+                raise APIError(400, f"'prompt' must be a non-empty string or a list of them (at most {MAX_N} "
+                                    "choices in all)", param="prompt")
+            return await self.complete(request, prompts, s, chat=False)
+
+        return app
+
+
+def usage(prompt_tokens, completion_tokens) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse_line(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def pairs_of(values: list[str], flag: str) -> dict:
+    out = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"{flag} {value!r}: give NAME=VALUE, e.g. {flag} mistral=...")
+        out[name] = rest
+    return out
+
+
+def load(cfg: ServeConfig, step_delay=0.0):
+    """The engine and the server for cfg (the model loaded, the heads checked, the upstreams resolved)."""
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+    except ImportError:
+        raise UsageError("serve.py needs FastAPI, uvicorn and httpx: pip install -e \".[serve]\"") from None
+    api_key = None
+    if cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise UsageError(f"--api-key-env {cfg.api_key_env}: the variable is not set; set it to the key clients "
+                             "must send")
+    hw = hardware.resolve(cfg.device, cfg.precision)
+    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, hw.dtype, hw.device)
+    heads = {"base": None}
+    for path in cfg.heads:
+        head = load_head(path, model, base_fingerprint, stage1)
+        if head.target in heads:
+            raise UsageError(f"{path}: a second head for target '{head.target}'; give one head per target")
+        heads[head.target] = head
+    urls = pairs_of(cfg.upstream, "--upstream")
+    names = pairs_of(cfg.upstream_model, "--upstream-model")
+    keys = pairs_of(cfg.upstream_key_env, "--upstream-key-env")
+    for name in set(urls) | set(names) | set(keys):
+        if name not in heads:
+            raise UsageError(f"upstream '{name}' has no head: pass --head with a head trained for '{name}' (these "
+                             f"are loaded: {', '.join(heads)})")
+        if name not in urls:
+            raise UsageError(f"--upstream-model/--upstream-key-env for '{name}' without --upstream {name}=URL")
+        if not re.match(r"https?://", urls[name]):
+            raise UsageError(f"--upstream {name}={urls[name]}: give an http:// or https:// URL")
+        if name in keys and not os.environ.get(keys[name]):
+            raise UsageError(f"--upstream-key-env {name}={keys[name]}: the variable is not set")
+    upstreams = {n: (urls[n].rstrip("/"), names.get(n, n), os.environ.get(keys[n]) if n in keys else None)
+                 for n in urls}
+    print(hw.describe(), file=sys.stderr)
+    engine = Engine(model, tokenizer, heads, max_batch=cfg.max_batch, step_delay=step_delay)
+    return Server(engine, cfg.max_queue, cfg.max_tokens, api_key, upstreams, cfg.log, cfg.upstream_timeout)
+
+
+def main(cfg: ServeConfig):
+    import uvicorn
+
+    server = load(cfg)
+    print(f"serving {', '.join(server.models)} on http://{cfg.host}:{cfg.port}/v1"
+          f"{' (proxy for ' + ', '.join(server.upstreams) + ')' if server.upstreams else ''}", file=sys.stderr)
+    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    cli.run("serve.py", main, parse_args)

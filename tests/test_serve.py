@@ -1,0 +1,270 @@
+"""serve.py through the official openai client, against servers started on 127.0.0.1 on free ports: the
+models, both endpoints, streaming, every error status, auth, dynamic batching (each reply equal to the same
+request alone, and to phi2.generation.generate), client disconnect, and the proxy in front of an upstream
+server the test runs."""
+
+import json
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from tests.conftest import write_prompter
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+import head_adapter as ha  # noqa: E402
+import serve  # noqa: E402
+from phi2.generation import generate  # noqa: E402
+from prompts import format_prompt  # noqa: E402
+
+KEY, UPSTREAM_KEY = "sk-test-server", "sk-upstream-secret"
+PROMPTS = ["write a poem about rain", "explain taxes for children", "summarize a report on sorting",
+           "draft a plan about café life", "write a function", "explain a poem in detail"]
+
+
+@pytest.fixture(scope="module")
+def prompter(tiny_checkpoint, tmp_path_factory):
+    return write_prompter(tiny_checkpoint, tmp_path_factory.mktemp("serve"))
+
+
+def start(server: serve.Server):
+    """Run the app on uvicorn in a thread, on a free port; its base URL."""
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=uv.run, daemon=True).start()
+    for _ in range(500):
+        if uv.started:
+            break
+        time.sleep(0.01)
+    assert uv.started, "the server did not start within 5 s"
+    return f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/v1"
+
+
+def launch(prompter, monkeypatch, *args, step_delay=0.0):
+    monkeypatch.setenv("SERVE_KEY", KEY)
+    cfg = serve.parse_args(["--lora", str(prompter / "lora"), "--head", str(prompter / "alpha.safetensors"),
+                            "--head", str(prompter / "beta.safetensors"), "--device", "cpu", "--precision", "fp32",
+                            "--api-key-env", "SERVE_KEY", "--max-tokens", "24", *args])
+    server = serve.load(cfg, step_delay=step_delay)
+    return server, start(server)
+
+
+@pytest.fixture(scope="module")
+def served(prompter):
+    with pytest.MonkeyPatch.context() as mp:
+        server, url = launch(prompter, mp)
+    return server, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def direct(prompter, model, prompt, max_tokens):
+    """What phi2.generation.generate gives for the prompt with the model's head (greedy), stripped."""
+    merged, tokenizer, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
+    head = None if model == "base" else ha.load_head(prompter / f"{model}.safetensors", merged, fp, stage1)
+    ids = tokenizer.encode(format_prompt(prompt))
+    c = generate(merged, [ids], max_tokens, eos_id=tokenizer.eos_id, tokenizer=tokenizer, head=head)[0]
+    return c.text.strip(), len(ids)
+
+
+def chat(client, prompt, model="alpha", **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                          **{"temperature": 0, **kw})
+
+
+def test_models_and_both_endpoints_give_the_greedy_rewrite(served, prompter):
+    server, client = served
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "base", "beta"]
+    for model in ("alpha", "beta", "base"):
+        expected, prompt_tokens = direct(prompter, model, PROMPTS[0], 24)
+        reply = chat(client, PROMPTS[0], model, max_tokens=24)
+        assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
+        assert reply.usage.prompt_tokens == prompt_tokens and 0 < reply.usage.completion_tokens <= 24
+        text = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+        assert text.choices[0].text == expected and text.object == "text_completion"
+    # the heads give different rewrites of the same prompt: each request got its own head
+    assert len({chat(client, PROMPTS[1], m).choices[0].message.content for m in ("alpha", "beta", "base")}) == 3
+
+
+def test_streaming_equals_the_plain_reply(served):
+    _, client = served
+    for prompt in PROMPTS[:3]:
+        plain = chat(client, prompt, max_tokens=20, stop=["e"])
+        chunks = list(chat(client, prompt, max_tokens=20, stop=["e"], stream=True,
+                           stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals == [plain.choices[0].finish_reason]
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        pieces = list(client.completions.create(model="beta", prompt=prompt, max_tokens=20, temperature=0,
+                                                stream=True))
+        same = client.completions.create(model="beta", prompt=prompt, max_tokens=20, temperature=0)
+        assert "".join(p.choices[0].text for p in pieces) == same.choices[0].text
+        assert pieces[-1].choices[0].finish_reason == same.choices[0].finish_reason
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_solo_reply(served):
+    server, client = served
+    requests = [(p, m) for p in PROMPTS for m in ("alpha", "beta", "base")][:16]
+    solo = [chat(client, p, m).choices[0].message.content for p, m in requests]
+    seeded = chat(client, PROMPTS[2], temperature=1.0, seed=7, n=2, top_p=0.9)
+    before = len(server.engine.batch_sizes)
+    results = [None] * len(requests)
+    barrier = threading.Barrier(len(requests) + 1)
+
+    def ask(i, p, m):
+        barrier.wait()
+        results[i] = chat(client, p, m).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i, p, m)) for i, (p, m) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    again = chat(client, PROMPTS[2], temperature=1.0, seed=7, n=2, top_p=0.9)  # sampled, seeded, in the crowd
+    for t in threads:
+        t.join(timeout=60)
+    assert results == solo
+    assert max(server.engine.batch_sizes[before:]) > 1  # they shared batches
+    assert [c.message.content for c in again.choices] == [c.message.content for c in seeded.choices]
+
+
+def test_errors_have_openai_shapes_and_statuses(served, prompter):
+    server, client = served
+    with pytest.raises(openai.BadRequestError, match="'temperature' must be"):
+        chat(client, "x", temperature=3)
+    with pytest.raises(openai.BadRequestError, match="'n' must be"):
+        chat(client, "x", n=0)
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        chat(client, "x", logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="no user message"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "system", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+        chat(client, "x", model="gpt-5")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.APIStatusError, match="context") as e:
+        chat(client, "word " * 200)
+    assert e.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="exceed the context"):
+        chat(client, "x", max_tokens=1000)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
+    raw = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 400 and raw.json()["error"]["message"] == "the request body is not valid JSON"
+    for junk in (b"[1, 2]", b'{"model": "alpha", "messages": "hi"}', b'{"model": ["a"]}', b"\xff\xfe",
+                 b'{"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'):
+        raw = httpx.post(f"{client.base_url}chat/completions", content=junk, headers={"Authorization": f"Bearer {KEY}"})
+        assert raw.status_code == 400 and "error" in raw.json(), junk
+    assert httpx.get(f"{client.base_url}nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert chat(client, PROMPTS[0]).choices  # and it still serves
+
+
+def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter, monkeypatch):
+    server, url = launch(prompter, monkeypatch, "--max-queue", "1", step_delay=0.08)
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    engine = server.engine
+    stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
+    next(iter(stream))  # decoding (40 steps of 80 ms)
+    waiting = threading.Thread(target=lambda: chat(client, PROMPTS[1], max_tokens=2))
+    waiting.start()
+    for _ in range(200):
+        if engine.queue.qsize() == 1:
+            break
+        time.sleep(0.01)
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(client, PROMPTS[2])
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+    stream.close()  # the client leaves mid-stream: its row stops, the waiting request runs
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    for _ in range(100):
+        if engine.active == 0:
+            break
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.batch_sizes == [1, 1]
+    assert engine.batch_steps[0] < 20  # the stream's row stopped when its client left, not after 40 steps
+
+
+class Upstream:
+    """An OpenAI-compatible upstream on 127.0.0.1 that records what it receives and echoes the key."""
+
+    def __init__(self):
+        self.received = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.received.append((dict(self.headers), body))
+                if body.get("user") == "rate me":
+                    return self.reply(429, {"error": {"message": "slow down"}})
+                answer = f"upstream answer (key {self.headers['Authorization'].removeprefix('Bearer ')})"
+                if not body.get("stream"):
+                    return self.reply(200, {"id": "u1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                            "choices": [{"index": 0, "finish_reason": "stop",
+                                                         "message": {"role": "assistant", "content": answer}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for piece in (answer[:10], answer[10:]):
+                    chunk = {"id": "u1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                             "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def reply(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+
+
+def test_the_proxy_forwards_the_rewrite_and_never_the_key(prompter, monkeypatch, tmp_path):
+    upstream = Upstream()
+    monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
+    server, url = launch(prompter, monkeypatch, "--upstream", f"alpha={upstream.url}", "--upstream-model",
+                         "alpha=big-model", "--upstream-key-env", "alpha=UP_KEY", "--log", str(tmp_path / "log.jsonl"))
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    expected, _ = direct(prompter, "alpha", PROMPTS[0], 24)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPTS[0]}]
+    raw = client.chat.completions.with_raw_response.create(model="alpha", messages=messages, temperature=0.3,
+                                                           user="u-1", max_tokens=77)
+    reply = raw.parse()
+    headers, body = upstream.received[-1]
+    assert urllib.parse.unquote(raw.headers["x-optimized-prompt"]) == expected
+    assert body["messages"] == [messages[0], {"role": "user", "content": expected}]
+    assert (body["model"], body["temperature"], body["user"], body["max_tokens"]) == ("big-model", 0.3, "u-1", 77)
+    assert headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert reply.choices[0].message.content == "upstream answer (key ***)"
+    streamed = list(client.chat.completions.create(model="alpha", messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content for c in streamed) == "upstream answer (key ***)"
+    with pytest.raises(openai.RateLimitError):  # upstream errors keep their status
+        client.chat.completions.create(model="alpha", messages=messages, user="rate me")
+    assert chat(client, PROMPTS[0], "beta").choices  # heads without an upstream still rewrite
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in log] == [200, 200, 429] and log[0]["rewrite"] == expected
+    assert UPSTREAM_KEY not in (tmp_path / "log.jsonl").read_text()
+
+
+def test_command_line_refusals(prompter, monkeypatch):
+    monkeypatch.delenv("NOPE", raising=False)
+    with pytest.raises(serve.UsageError, match="NOPE: the variable is not set"):
+        serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--api-key-env", "NOPE"]))
+    with pytest.raises(serve.UsageError, match="upstream 'gamma' has no head"):
+        serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "gamma=http://127.0.0.1:9"]))
+    with pytest.raises(serve.UsageError, match="give NAME=VALUE"):
+        serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "http://x"]))
