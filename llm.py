@@ -59,8 +59,11 @@ class Cache:
     def __init__(self, path):
         self.path = Path(path)
         self.answers, self.lock = {}, threading.Lock()
+        self.cut_short = False  # the file ends inside a line (a crash while writing): end it before appending
         if self.path.exists():
-            for line in self.path.read_bytes().splitlines():
+            data = self.path.read_bytes()
+            self.cut_short = bool(data) and not data.endswith(b"\n")
+            for line in data.splitlines():
                 try:
                     record = json.loads(line)
                     self.answers[record["key"]] = record["answer"]
@@ -81,14 +84,8 @@ class Cache:
         with self.lock:
             self.answers[key] = answer
             with open(self.path, "ab") as f:
-                if f.tell() and not self._ends_with_newline():
-                    f.write(b"\n")  # after a line cut short by a crash
-                f.write(line.encode())
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
+                f.write(b"\n" * self.cut_short + line.encode())
+            self.cut_short = False
 
 
 class LLM:

@@ -295,3 +295,16 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
     assert len(rewrites) == 1 and len(rewrites[0].read_text().splitlines()) == 2
     for path in [*(tmp_path / "out").iterdir(), tmp_path / "cache.jsonl"]:
         assert KEY not in path.read_text(), path
+
+
+def test_the_cache_skips_a_line_cut_short_and_appends_after_it(tmp_path):
+    from llm import Cache
+    path = tmp_path / "cache.jsonl"
+    path.write_text(json.dumps({"key": "a", "request": {}, "answer": "one"}) + "\n" + '{"key": "b", "answ')
+    cache = Cache(path)
+    assert cache.get("a") == "one" and cache.get("b") is None
+    cache.put("c", {}, "three")
+    cache.put("d", {}, "four")
+    again = Cache(path)
+    assert [again.get(k) for k in "abcd"] == ["one", None, "three", "four"]
+    assert path.read_text().count("\n") == 4 and not again.cut_short
