@@ -73,13 +73,23 @@ def fold_head(head) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(cfg: ExportConfig) -> Path:
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()
     if out.exists() and not cfg.overwrite:
-        raise UsageError(f"--out {out} exists; choose another folder, or pass --overwrite to replace it")
+        raise UsageError(f"--out {cfg.out} exists; choose another folder, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {cfg.out} is a file; --out is the folder to write")
     folder = base_folder(cfg.model, cfg.lora)
+    for given in (folder, cfg.lora, cfg.head):
+        if given and (out == Path(given).resolve() or out in Path(given).resolve().parents):
+            raise UsageError(f"--out {cfg.out} holds an input ({given}), which replacing it would delete; "
+                             "choose another folder")
+    if out.exists() and any(out.iterdir()) and not _ours(out):
+        raise UsageError(f"--out {cfg.out} holds files export.py did not write; --overwrite only replaces an "
+                         "earlier export: choose another folder")
     base_config = json.loads((folder / "config.json").read_text())
     stored = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else getattr(torch, stored, torch.float32)
+    stored = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored.removeprefix("torch."), torch.float32)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else stored
 
     # fp32 throughout, as generate.py's fp32 path: the merge is the same arithmetic
     model, _, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, torch.float32)
@@ -106,6 +116,14 @@ def main(cfg: ExportConfig) -> Path:
           f"{f' and the {target} head folded in' if target else ''}, {str(dtype).removeprefix('torch.')}",
           file=sys.stderr)
     return out
+
+
+def _ours(folder: Path) -> bool:
+    """Whether folder is an earlier export (its README is the one readme() writes)."""
+    try:
+        return (folder / "README.md").read_text(encoding="utf-8").startswith("# phi2-prompter")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def readme(cfg: ExportConfig, base: Path, base_fingerprint: str, stage1: str, target, dtype) -> str:

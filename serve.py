@@ -20,6 +20,7 @@ Needs the [serve] extra (FastAPI, uvicorn, httpx). Binds 127.0.0.1 unless --host
 import asyncio
 import hmac
 import json
+import math
 import os
 import queue
 import random
@@ -43,6 +44,7 @@ from phi2.tokenizer import pad
 from prompts import format_prompt
 
 MAX_BODY = 1 << 20  # bytes of request JSON
+BODY_TIMEOUT = 30.0  # seconds for a request body to arrive
 MAX_STOP, MAX_N = 4, 16  # as OpenAI
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's finish_reason
 
@@ -133,8 +135,9 @@ class Engine:
             self.queue.put(job)
 
     def _run(self):
+        later = []  # jobs taken from the queue that did not fit the last batch: first in the next
         while True:
-            jobs = [self.queue.get()]
+            jobs, later = later or [self.queue.get()], []
             deadline = time.monotonic() + self.window  # requests sent together arrive within a few ms
             while len(jobs) < self.max_batch:
                 try:
@@ -142,6 +145,7 @@ class Engine:
                 except queue.Empty:
                     break
             jobs = [job for job in jobs if not job.cancelled.is_set()]
+            jobs, later = self.fitting(jobs)
             if not jobs:
                 continue
             try:
@@ -152,6 +156,18 @@ class Engine:
                         job.emit("error", f"{type(e).__name__}: {e}")
             finally:
                 self.active = 0
+
+    def fitting(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+        """The jobs that fit one batch, in arrival order, and the rest. Rows are left-padded to the longest
+        prompt and decoded to the largest max_tokens, and that must fit the context (each job alone does)."""
+        batch, rest, longest, steps = [], [], 0, 0
+        for job in jobs:
+            if max(longest, len(job.ids)) + max(steps, job.max_tokens) <= self.context:
+                batch.append(job)
+                longest, steps = max(longest, len(job.ids)), max(steps, job.max_tokens)
+            else:
+                rest.append(job)
+        return batch, rest
 
     @torch.inference_mode()
     def decode(self, jobs: list[Job]):
@@ -252,8 +268,8 @@ def _number(body, name, kind, low, high, default, low_open=False):
     value = body.get(name, default)
     if value is None:
         return default
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or
-                                                                                   float(value).is_integer())
+    ok_type = isinstance(value, int) and not isinstance(value, bool) or (
+        isinstance(value, float) and math.isfinite(value) and (kind is float or value.is_integer()))
     if not ok_type or value < low or value > high or (low_open and value == low):
         bound = f"{'above' if low_open else 'at least'} {low} and at most {high}"
         raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} {bound}; got "
@@ -350,15 +366,22 @@ class Server:
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
     async def read_json(self, request) -> dict:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise APIError(413, f"the request body is over {MAX_BODY} bytes")
-            chunks.append(chunk)
+        async def read():
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise APIError(413, f"the request body is over {MAX_BODY} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
+            data = await asyncio.wait_for(read(), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s") from None
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -366,6 +389,11 @@ class Server:
 
     def jobs_for(self, text: str, s: Settings, count: int) -> tuple[list[Job], int]:
         """count jobs rewriting text (choice i samples with seed + i), and the prompt's token count."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the text holds an unpaired surrogate (\\ud800-\\udfff); send valid UTF-16 pairs") \
+                from None
         ids = self.engine.tokenizer.encode(format_prompt(text))
         context = self.engine.context
         if len(ids) >= context:
@@ -380,6 +408,9 @@ class Server:
                     s.stop) for i in range(count)], len(ids)
 
     def enqueue(self, jobs: list[Job]):
+        if len(jobs) > self.max_queue:  # would never fit: not a matter of waiting
+            raise APIError(400, f"{len(jobs)} choices in one request; this server queues at most {self.max_queue}",
+                           param="n")
         if self.engine.queue.qsize() + len(jobs) > self.max_queue:
             raise APIError(503, f"the server is busy ({self.engine.queue.qsize()} requests waiting); retry shortly",
                            type_="server_error", code="queue_full", headers={"Retry-After": "1"})
@@ -390,11 +421,14 @@ class Server:
         """(choice index, event) as the jobs produce them, until each is done; cancels them all if the
         client disconnects or the consumer stops."""
         waiting = {asyncio.ensure_future(job.events.get()): i for i, job in enumerate(jobs)}
+        checked = time.monotonic()
         try:
             while waiting:
                 done, _ = await asyncio.wait(waiting, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-                if not done and await request.is_disconnected():
-                    return
+                if time.monotonic() - checked >= 0.5:  # twice a second, tokens flowing or not
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
                 for task in done:
                     i = waiting.pop(task)
                     event = task.result()
@@ -478,7 +512,8 @@ class Server:
         return out
 
     async def proxy(self, request, body: dict, name: str):
-        """Forward a chat request to NAME's upstream with its last user message rewritten."""
+        """Forward a chat request to NAME's upstream with its last user message rewritten; the reply, its
+        status and its headers come back as they came, the upstream's key replaced by *** wherever it shows."""
         import httpx
         from fastapi.responses import Response, StreamingResponse
 
@@ -487,40 +522,46 @@ class Server:
         t0 = time.perf_counter()
         rewrite = await self.rewrite(request, original, name)
         rewrite_ms = (time.perf_counter() - t0) * 1000
+        if await request.is_disconnected():  # the client left during the rewrite: spend no upstream call
+            return None
         messages = [dict(m) for m in body["messages"]]
         messages[i]["content"] = rewrite or original
         forwarded = {**body, "model": upstream_model, "messages": messages}
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        redact = (lambda b: b.replace(key.encode(), b"***")) if key else (lambda b: b)
-        optimised = {"X-Optimized-Prompt": urllib.parse.quote(rewrite or original)}
         client = httpx.AsyncClient(timeout=self.upstream_timeout, follow_redirects=False)
         t1 = time.perf_counter()
+        log = lambda status: self.record(name, original, rewrite, rewrite_ms,  # noqa: E731
+                                         (time.perf_counter() - t1) * 1000, status)
         try:
             upstream = await client.send(client.build_request("POST", url + "/chat/completions", json=forwarded,
                                                               headers=headers), stream=True)
+            passed = {k: redact(v, key) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            passed["X-Optimized-Prompt"] = urllib.parse.quote(rewrite or original)
+            if not body.get("stream") or upstream.status_code != 200:
+                content = redact_body(await upstream.aread(), key)
+                await upstream.aclose()
+                await client.aclose()
+                log(upstream.status_code)
+                return Response(content, status_code=upstream.status_code, headers=passed)
         except httpx.HTTPError as e:
             await client.aclose()
-            self.record(name, original, rewrite, rewrite_ms, None, 502)
-            raise APIError(502, f"the upstream for '{name}' did not answer ({type(e).__name__})",
-                           type_="upstream_error") from None
-        media = upstream.headers.get("content-type", "application/json")
-        if not body.get("stream") or upstream.status_code != 200:
-            content = redact(await upstream.aread())
-            await upstream.aclose()
-            await client.aclose()
-            self.record(name, original, rewrite, rewrite_ms, (time.perf_counter() - t1) * 1000, upstream.status_code)
-            return Response(content, status_code=upstream.status_code, media_type=media, headers=optimised)
+            log(502)
+            raise APIError(502, f"the upstream for '{name}' failed ({type(e).__name__})", type_="upstream_error") \
+                from None
 
         async def passthrough():  # line by line, so that a key split across chunks is still caught
+            status = 200
             try:
                 async for line in upstream.aiter_lines():
-                    yield redact(line.encode()) + b"\n"
+                    yield redact_body(line.encode(), key) + b"\n"
+            except httpx.HTTPError:
+                status = 502  # cut short upstream: the client sees the stream end without [DONE]
             finally:
                 await upstream.aclose()
                 await client.aclose()
-                self.record(name, original, rewrite, rewrite_ms, (time.perf_counter() - t1) * 1000, 200)
+                log(status)
 
-        return StreamingResponse(passthrough(), status_code=200, media_type=media, headers=optimised)
+        return StreamingResponse(passthrough(), status_code=200, headers=passed)
 
     def record(self, name, original, rewrite, rewrite_ms, upstream_ms, status):
         if not self.log:
@@ -583,6 +624,29 @@ class Server:
             return await self.complete(request, prompts, s, chat=False)
 
         return app
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "te",
+              "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"}  # httpx decodes the body
+
+
+def redact(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+def redact_body(data: bytes, key: str | None) -> bytes:
+    """data with the key replaced by ***: as bytes, and inside JSON strings however they escape it (an SSE
+    `data: {...}` line included); a body that holds no key, even escaped, passes as it came."""
+    if not key:
+        return data
+    data = data.replace(key.encode(), b"***")
+    prefix, rest = (b"data: ", data[6:]) if data.startswith(b"data: ") else (b"", data)
+    try:
+        obj = json.loads(rest)
+    except (ValueError, RecursionError):
+        return data
+    text = json.dumps(obj, ensure_ascii=False)
+    return prefix + text.replace(key, "***").encode() if key in text else data
 
 
 def usage(prompt_tokens, completion_tokens) -> dict:

@@ -24,11 +24,14 @@ class Completion:
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy."""
-    if temperature <= 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature that is 0 in float32
         if logits.is_cpu:  # numpy's argmax is ~20x faster than torch's on CPU for (B, 51200) rows
             return torch.from_numpy(logits.float().numpy().argmax(axis=-1))
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so that the largest is 0 before dividing: a tiny temperature then gives -inf for the others (a
+    # greedy draw), never inf - inf = NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

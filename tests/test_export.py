@@ -58,4 +58,16 @@ def test_no_head_exports_stage_one_and_refusals(prompter, tmp_path):
         export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(out)]))
     with pytest.raises(export.UsageError, match="give --head FILE .* or --no-head"):
         export.parse_args(["--lora", str(prompter / "lora"), "--out", str(tmp_path / "y")])
+    export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(out), "--overwrite"]))
+    with pytest.raises(export.UsageError, match="did not write; --overwrite only replaces an earlier export"):
+        export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(tmp_path),
+                                       "--overwrite"]))
+    with pytest.raises(export.UsageError, match="holds an input .* choose another folder"):
+        export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(prompter),
+                                       "--overwrite"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(export.UsageError, match="is a file"):
+        export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(tmp_path / "file"),
+                                       "--overwrite"]))
+    assert (prompter / "lora" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob(".*partial"))

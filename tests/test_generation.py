@@ -156,3 +156,11 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens(tiny_cfg):
     graphs = compile_stats["graphs"]
     shorter = [c.ids for c in generate(model, prompts, 12, compile="aot_eager")]  # same batch, same bucket
     assert shorter == [ids[:12] for ids in eager] and compile_stats["graphs"] == graphs  # no new compile
+
+
+def test_a_temperature_too_small_for_float32_is_greedy_not_nan():
+    from phi2.generation import sample
+    logits = torch.randn(4, 300)
+    for t in (1e-300, 1e-45, 1e-30):  # 0 in float32; subnormal; dividing would overflow without the shift
+        drawn = sample(logits, t, top_p=0.9, generator=torch.Generator().manual_seed(0))
+        assert drawn.tolist() == logits.argmax(-1).tolist(), t

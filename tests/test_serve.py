@@ -134,6 +134,30 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_reply(served):
     assert [c.message.content for c in again.choices] == [c.message.content for c in seeded.choices]
 
 
+def test_requests_that_fit_the_context_alone_but_not_padded_together_both_succeed(served):
+    server, client = served
+    tokenizer, context = server.engine.tokenizer, server.engine.context
+    long = "word " * 10
+    while len(tokenizer.encode(format_prompt(long + "word"))) < context - 12:
+        long += "word "
+    size = lambda p: len(tokenizer.encode(format_prompt(p)))  # noqa: E731
+    requests = [(long, context - size(long)), ("word", context - size("word"))]  # together: over the context
+    solo = [chat(client, p, max_tokens=n).choices[0].message.content for p, n in requests]
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def ask(i):
+        barrier.wait()
+        results[i] = chat(client, requests[i][0], max_tokens=requests[i][1]).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == solo
+
+
 def test_errors_have_openai_shapes_and_statuses(served, prompter):
     server, client = served
     with pytest.raises(openai.BadRequestError, match="'temperature' must be"):
@@ -160,6 +184,10 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
                  b'{"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'):
         raw = httpx.post(f"{client.base_url}chat/completions", content=junk, headers={"Authorization": f"Bearer {KEY}"})
         assert raw.status_code == 400 and "error" in raw.json(), junk
+    for junk in (b'{"model": "alpha", "prompt": "x", "temperature": NaN}', b'{"model": "alpha", "prompt": "x", "n": 1'
+                 + b"9" * 400 + b"}", b'{"model": "alpha", "prompt": "\\ud800 x"}', b"[" * 100_000 + b"]" * 100_000):
+        raw = httpx.post(f"{client.base_url}completions", content=junk, headers={"Authorization": f"Bearer {KEY}"})
+        assert raw.status_code == 400 and "error" in raw.json(), junk[:60]
     assert httpx.get(f"{client.base_url}nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     assert chat(client, PROMPTS[0]).choices  # and it still serves
 
@@ -176,6 +204,8 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
         if engine.queue.qsize() == 1:
             break
         time.sleep(0.01)
+    with pytest.raises(openai.BadRequestError, match="queues at most 1"):
+        chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
     with pytest.raises(openai.InternalServerError) as e:
         chat(client, PROMPTS[2])
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
@@ -205,7 +235,17 @@ class Upstream:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.received.append((dict(self.headers), body))
                 if body.get("user") == "rate me":
-                    return self.reply(429, {"error": {"message": "slow down"}})
+                    return self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})
+                if body.get("user") == "escape":  # the key with a JSON escape: \\u0073k-...
+                    return self.reply(200, {"echo": "x"}, raw=b'{"echo": "\\u' + b"%04x" % ord(UPSTREAM_KEY[0])
+                                      + UPSTREAM_KEY[1:].encode() + b'"}')
+                if body.get("user") == "cut":  # promises 1000 bytes, sends 9
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices')
+                    self.close_connection = True
+                    return
                 answer = f"upstream answer (key {self.headers['Authorization'].removeprefix('Bearer ')})"
                 if not body.get("stream"):
                     return self.reply(200, {"id": "u1", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -220,9 +260,11 @@ class Upstream:
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
 
-            def reply(self, status, obj):
-                data = json.dumps(obj).encode()
+            def reply(self, status, obj, headers=None, raw=None):
+                data = raw or json.dumps(obj).encode()
                 self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -252,11 +294,18 @@ def test_the_proxy_forwards_the_rewrite_and_never_the_key(prompter, monkeypatch,
     assert reply.choices[0].message.content == "upstream answer (key ***)"
     streamed = list(client.chat.completions.create(model="alpha", messages=messages, stream=True))
     assert "".join(c.choices[0].delta.content for c in streamed) == "upstream answer (key ***)"
-    with pytest.raises(openai.RateLimitError):  # upstream errors keep their status
+    with pytest.raises(openai.RateLimitError) as e:  # upstream errors keep their status and headers
         client.chat.completions.create(model="alpha", messages=messages, user="rate me")
+    assert e.value.response.headers["retry-after"] == "7"
+    escaped = httpx.post(f"{url}/chat/completions", json={"model": "alpha", "messages": messages, "user": "escape"},
+                         headers={"Authorization": f"Bearer {KEY}"})
+    assert escaped.json() == {"echo": "***"} and UPSTREAM_KEY not in escaped.text
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="alpha", messages=messages, user="cut")
+    assert e.value.status_code == 502
     assert chat(client, PROMPTS[0], "beta").choices  # heads without an upstream still rewrite
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in log] == [200, 200, 429] and log[0]["rewrite"] == expected
+    assert [r["status"] for r in log] == [200, 200, 429, 200, 502] and log[0]["rewrite"] == expected
     assert UPSTREAM_KEY not in (tmp_path / "log.jsonl").read_text()
 
 
