@@ -25,8 +25,9 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """A parser whose description is the first line of a module docstring and whose help shows defaults."""
-    return argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=_ShowDefaults)
+    """A parser whose description is the first paragraph of a module docstring and whose help shows defaults."""
+    first = " ".join(doc.strip().split("\n\n")[0].split()).rstrip(":")
+    return argparse.ArgumentParser(description=first, formatter_class=_ShowDefaults)
 
 
 def add_hardware_args(p: argparse.ArgumentParser):

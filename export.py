@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import cli
+import phi2
 from head_adapter import base_folder, content_id, load_head, load_prompter
 from phi2.errors import UsageError
 from phi2.weights import hf_to_ours, save_hf_tensors
@@ -101,6 +102,16 @@ def main(cfg: ExportConfig) -> Path:
         weight, bias = fold_head(head)
         tensors["lm_head.weight"], tensors["lm_head.bias"] = weight.to(dtype), bias.to(dtype)
         target = head.target
+
+    # what transformers and vLLM read to stop at the end of the rewrite, and the rotary settings in the
+    # top-level spelling older readers know (transformers 5 reads rope_parameters)
+    eos = phi2.load_tokenizer(folder).eos_id
+    base_config.setdefault("eos_token_id", eos)
+    base_config.setdefault("bos_token_id", eos)
+    rope = base_config.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            base_config.setdefault(key, rope[key])
 
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -627,7 +627,8 @@ class Server:
 
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "te",
-              "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"}  # httpx decodes the body
+              "trailer", "upgrade", "proxy-authenticate", "proxy-authorization",  # httpx decodes the body
+              "date", "server"}  # uvicorn sets its own
 
 
 def redact(text: str, key: str | None) -> str:
@@ -676,6 +677,7 @@ def load(cfg: ServeConfig, step_delay=0.0):
     try:
         import fastapi  # noqa: F401
         import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve.py needs FastAPI, uvicorn and httpx: pip install -e \".[serve]\"") from None
     api_key = None
@@ -713,12 +715,23 @@ def load(cfg: ServeConfig, step_delay=0.0):
 
 
 def main(cfg: ServeConfig):
-    import uvicorn
+    import socket
 
-    server = load(cfg)
-    print(f"serving {', '.join(server.models)} on http://{cfg.host}:{cfg.port}/v1"
-          f"{' (proxy for ' + ', '.join(server.upstreams) + ')' if server.upstreams else ''}", file=sys.stderr)
-    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning")
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound here, so that a port in use is one line and --port 0 can say which port it got
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
+                         "(0: any free one)") from None
+    port = sock.getsockname()[1]
+    server = load(cfg)  # after the bind: a busy port is said before minutes of loading
+    print(f"serving {', '.join(server.models)} on http://{cfg.host}:{port}/v1"
+          f"{' (proxy for ' + ', '.join(server.upstreams) + ')' if server.upstreams else ''}", file=sys.stderr,
+          flush=True)
+    import uvicorn
+    uvicorn.Server(uvicorn.Config(server.app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

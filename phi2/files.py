@@ -6,6 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
+_UMASK = os.umask(0o022)  # read once, at import (umask can only be read by setting it), and put back
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -14,6 +17,7 @@ def atomic_path(path):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it: safetensors writes its files owner-only
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ import torch
 
 import export
 import head_adapter as ha
+import phi2
 from phi2.generation import generate
 from tests.conftest import write_prompter
 
@@ -40,6 +41,9 @@ def test_transformers_on_the_export_gives_our_logits_and_tokens(prompter, tmp_pa
         expected = head(model.hidden_states(x))
         assert (hf(x).logits - expected).abs().max().item() <= 1e-4
         assert not torch.allclose(expected, model(x), atol=1e-2)  # the head changes the logits
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == phi2.load_tokenizer(out).eos_id  # transformers stops where we stop
+    assert hf.generation_config.eos_token_id == config["eos_token_id"]
     prompt = x[0].tolist()
     ref = hf.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=24, do_sample=False,
                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()

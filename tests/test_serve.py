@@ -315,5 +315,12 @@ def test_command_line_refusals(prompter, monkeypatch):
         serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--api-key-env", "NOPE"]))
     with pytest.raises(serve.UsageError, match="upstream 'gamma' has no head"):
         serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "gamma=http://127.0.0.1:9"]))
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        with pytest.raises(serve.UsageError, match=f"cannot listen on 127.0.0.1:{port} .* choose another --port"):
+            serve.main(serve.parse_args(["--lora", str(prompter / "lora"), "--port", port]))
     with pytest.raises(serve.UsageError, match="give NAME=VALUE"):
         serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "http://x"]))
