@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-SECTIONS = ["a_parity", "b_stage1_step", "c_stage2_step", "d_decoding", "e_end_to_end"]
+SECTIONS = ["a_parity", "b_stage1_step", "c_stage2_step", "d_decoding", "e_end_to_end", "f_serving"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,8 @@ def test_smoke_run_records_the_measurements(smoke_run):
     assert "ours_compiled" in s["d_decoding"]
     for cli in ("train_sft", "train_head", "generate"):
         assert s["e_end_to_end"][cli]["passed"]
+    f = s["f_serving"]
+    assert f["rows_equal_to_solo"] == f["requests"] == 16 and f["one_at_a_time_tok_s"] > 0 and f["ratio"] > 0
 
 
 def test_help_shows_defaults():
