@@ -30,7 +30,7 @@ from phi2.errors import UsageError
 from phi2.files import atomic_path
 from phi2.fused import Linear, linear_cross_entropy
 from phi2.model import Phi2
-from phi2.weights import fingerprint
+from phi2.weights import fingerprint, legacy_fingerprint
 
 FORMAT = "phi2-prompter head adapter v1"
 
@@ -132,7 +132,7 @@ def load_head(path, model: Phi2, base_fingerprint: str, stage1: str, dtype=None)
     and the stage-1 adapter in use; in dtype (default: the model's)."""
     path = Path(path)
     metadata = read_metadata(path)
-    if metadata["base_fingerprint"] != base_fingerprint:
+    if metadata["base_fingerprint"] not in (base_fingerprint, getattr(model, "legacy_fingerprint", None)):
         raise HeadError(f"{path}: made for another base model (fingerprint {metadata['base_fingerprint']}, this "
                         f"base is {base_fingerprint}); load the base it was trained on")
     if metadata["stage1_adapter"] != stage1:
@@ -169,6 +169,7 @@ def load_prompter(model_dir, lora_dir, dtype, device="cpu"):
     folder = base_folder(model_dir, lora_dir)
     model = phi2.load_model(folder, dtype=dtype, device=device)
     base_fingerprint = fingerprint(model)
+    model.legacy_fingerprint = legacy_fingerprint(model)  # what heads saved before 2026-12-03 recorded
     if lora_dir:
         lora.load_adapter(model, lora_dir, merge_weights=True)
     return model.requires_grad_(False).eval(), phi2.load_tokenizer(folder), base_fingerprint, stage1_id(lora_dir)

@@ -24,7 +24,7 @@ from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.fused import Dropout, Linear, autocast_dtype
 from phi2.model import Phi2
-from phi2.weights import check_finite, fingerprint, open_checked
+from phi2.weights import check_finite, fingerprint, legacy_fingerprint, open_checked
 
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")  # the papers': attention and MLP
 PEFT_PREFIX = "base_model.model.model."  # peft's name for our `layers.*` (PeftModel > PhiForCausalLM > PhiModel)
@@ -214,7 +214,7 @@ def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     expected = metadata.get("phi2_base_fingerprint")
-    if expected and expected != fingerprint(model):
+    if expected and expected not in (fingerprint(model), legacy_fingerprint(model)):
         raise AdapterError(f"{file}: trained on another base model (fingerprint {expected}, this base is "
                            f"{fingerprint(model)}); load the base it was trained on")
 

@@ -242,7 +242,8 @@ class Engine:
                 job.finish = "length"
                 text = tokenizer.decode(job.out)
         # the reply is the stripped text: leading spaces are never sent, trailing ones wait for what follows
-        final = text.strip() if job.finish else text.lstrip().rstrip()
+        # (and are dropped at the end), so the pieces sent always join to a prefix of the final reply
+        final = text.strip()
         if len(final) > len(job.sent):
             job.emit("text", final[len(job.sent):])
             job.sent = final
@@ -298,10 +299,7 @@ def settings_of(body: dict, models) -> Settings:
     if model not in models:
         raise APIError(404, f"The model '{model[:100]}' does not exist; this server has " + ", ".join(models),
                        param="model", code="model_not_found")
-    for name in ("tools", "functions", "suffix"):
-        if body.get(name):
-            raise APIError(400, f"'{name}' is not supported by this server", param=name)
-    for name in ("logprobs", "echo"):
+    for name in ("tools", "functions", "suffix", "logprobs", "echo"):
         if body.get(name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     stop = body.get("stop")
@@ -491,8 +489,9 @@ class Server:
                     else:
                         completion_tokens += event[2]
                         yield sse_line(chunk(i, {}, finish=event[1]))
-            except RuntimeError as e:
-                yield sse_line(APIError(500, str(e), type_="server_error").body())
+            except RuntimeError as e:  # the decoder failed: said here, never to the client
+                print(f"serve.py: {request.url.path}: {e}", file=sys.stderr)
+                yield sse_line(APIError(500, "internal error", type_="server_error").body())
                 return
             if s.include_usage:
                 yield sse_line({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
@@ -518,15 +517,21 @@ class Server:
         from fastapi.responses import Response, StreamingResponse
 
         url, upstream_model, key = self.upstreams[name]
-        i, original = last_user_message(body)
         t0 = time.perf_counter()
-        rewrite = await self.rewrite(request, original, name)
+        try:
+            i, original = last_user_message(body)
+            rewrite = await self.rewrite(request, original, name)
+        except APIError as e:
+            if e.status not in (400, 413):
+                raise  # 503 (busy): the client retries
+            i, original, rewrite = None, None, None  # nothing we can rewrite (no text, too long): sent as it came
         rewrite_ms = (time.perf_counter() - t0) * 1000
         if await request.is_disconnected():  # the client left during the rewrite: spend no upstream call
             return None
-        messages = [dict(m) for m in body["messages"]]
-        messages[i]["content"] = rewrite or original
-        forwarded = {**body, "model": upstream_model, "messages": messages}
+        forwarded = {**body, "model": upstream_model}
+        if rewrite:
+            forwarded["messages"] = [dict(m) for m in body["messages"]]
+            forwarded["messages"][i]["content"] = rewrite
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         client = httpx.AsyncClient(timeout=self.upstream_timeout, follow_redirects=False)
         t1 = time.perf_counter()
@@ -536,7 +541,8 @@ class Server:
             upstream = await client.send(client.build_request("POST", url + "/chat/completions", json=forwarded,
                                                               headers=headers), stream=True)
             passed = {k: redact(v, key) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-            passed["X-Optimized-Prompt"] = urllib.parse.quote(rewrite or original)
+            if rewrite:
+                passed["X-Optimized-Prompt"] = urllib.parse.quote(rewrite)
             if not body.get("stream") or upstream.status_code != 200:
                 content = redact_body(await upstream.aread(), key)
                 await upstream.aclose()
@@ -726,8 +732,13 @@ def main(cfg: ServeConfig):
         raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
                          "(0: any free one)") from None
     port = sock.getsockname()[1]
-    server = load(cfg)  # after the bind: a busy port is said before minutes of loading
-    print(f"serving {', '.join(server.models)} on http://{cfg.host}:{port}/v1"
+    try:
+        server = load(cfg)  # after the bind: a busy port is said before minutes of loading
+    except BaseException:
+        sock.close()
+        raise
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    print(f"serving {', '.join(server.models)} on http://{host}:{port}/v1"
           f"{' (proxy for ' + ', '.join(server.upstreams) + ')' if server.upstreams else ''}", file=sys.stderr,
           flush=True)
     import uvicorn

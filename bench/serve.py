@@ -64,15 +64,15 @@ def free_port() -> int:
 
 
 def run_clients(client, requests, concurrency, max_tokens):
-    """Each request once, by `concurrency` threads; ({request: (text, ttft, tokens)}, seconds)."""
-    results, todo, lock = {}, list(requests), threading.Lock()
+    """Each request once, by `concurrency` threads; ({request index: (text, ttft, tokens)}, seconds)."""
+    results, todo, lock = {}, list(enumerate(requests)), threading.Lock()
 
     def work():
         while True:
             with lock:
                 if not todo:
                     return
-                prompt, model = todo.pop()
+                index, (prompt, model) = todo.pop()
             start, first, text, tokens = time.perf_counter(), None, "", 0
             for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                         temperature=0, max_tokens=max_tokens, stream=True,
@@ -83,7 +83,7 @@ def run_clients(client, requests, concurrency, max_tokens):
                     if choice.delta.content or choice.finish_reason:  # a reply may be empty
                         first = first or time.perf_counter() - start
                     text += choice.delta.content or ""
-            results[prompt, model] = (text, first, tokens)
+            results[index] = (text, first, tokens)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=work) for _ in range(concurrency)]
@@ -103,10 +103,10 @@ def bench(name, args):
             print(f"{name}: skipped (the Phi-2 tokenizer is not in {SHARED_TOKENIZER})")
             return None
         port = free_port()
+        log = open(folder / "server.log", "w")
         server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(folder), "--head",
                                    str(folder / "t.safetensors"), "--port", str(port), "--max-batch", "16",
-                                   "--max-queue", "256", "--device", args.device],
-                                  cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                                   "--max-queue", "256", "--device", args.device], cwd=ROOT, stderr=log)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
             for _ in range(600):  # up to a minute to load
@@ -114,6 +114,8 @@ def bench(name, args):
                     client.models.list()
                     break
                 except openai.APIConnectionError:
+                    if server.poll() is not None:
+                        sys.exit(f"{name}: the server stopped:\n{(folder / 'server.log').read_text()[-2000:]}")
                     time.sleep(0.1)
             requests = [(PROMPTS[i % len(PROMPTS)], "base" if i % 2 else "t") for i in range(args.requests)]
             run_clients(client, requests[:4], 1, args.max_tokens)  # warm-up
@@ -132,6 +134,7 @@ def bench(name, args):
         finally:
             server.terminate()
             server.wait(timeout=30)
+            log.close()
 
 
 def main():

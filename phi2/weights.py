@@ -182,6 +182,19 @@ def fingerprint(model: Phi2) -> str:
     return h.hexdigest()[:16]
 
 
+def legacy_fingerprint(model: Phi2) -> str:
+    """The fingerprint of versions before 2026-12-03 (samples rounded to bf16, which an fp16 re-save can change):
+    adapters and heads saved by them still load on the base they were made for."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    params = model.state_dict()
+    for name in sorted(hf_to_ours(model.config.n_layer).values()):
+        flat = params[name].detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.bfloat16)
+        h.update(name.encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_model(path, dtype=torch.float32, device="cpu") -> Phi2:
     """Build Phi-2 from a checkpoint folder (config.json + safetensors) in dtype, in eval mode."""
     folder = Path(path)

@@ -160,7 +160,9 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens(tiny_cfg):
 
 def test_a_temperature_too_small_for_float32_is_greedy_not_nan():
     from phi2.generation import sample
-    logits = torch.randn(4, 300)
-    for t in (1e-300, 1e-45, 1e-30):  # 0 in float32; subnormal; dividing would overflow without the shift
+    logits = 10 * torch.randn(4, 300)
+    # 0 in float32; subnormal; and 1.5e-38, where logits / t overflows to inf (inf - inf: NaN) unless the
+    # largest logit is subtracted first
+    for t in (1e-300, 1e-45, 1.5e-38):
         drawn = sample(logits, t, top_p=0.9, generator=torch.Generator().manual_seed(0))
         assert drawn.tolist() == logits.argmax(-1).tolist(), t

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lora
 import phi2
 import runs
 import target_data
@@ -288,3 +289,19 @@ def test_a_base_resaved_in_another_dtype_keeps_its_fingerprint(tmp_path):
     with torch.no_grad():
         model.float().layers[2].self_attn.dense.weight.add_(1e-3 * torch.randn_like(model.layers[2].self_attn.dense.weight))
     assert fingerprint(model) not in prints
+
+
+def test_adapters_and_heads_from_before_the_sign_bit_fingerprint_still_load(tiny_checkpoint, tmp_path):
+    import head_adapter
+    from phi2.weights import legacy_fingerprint
+    model = phi2.load_model(tiny_checkpoint)
+    old = legacy_fingerprint(model)
+    lora.inject(model, rank=2, alpha=2.0)
+    lora.save_adapter(model, tmp_path / "old", base_path=tiny_checkpoint, base_fingerprint=old)
+    lora.save_adapter(model, tmp_path / "other", base_path=tiny_checkpoint, base_fingerprint="0123456789abcdef")
+    merged, _, fp, stage1 = head_adapter.load_prompter(None, tmp_path / "old", torch.float32)  # accepted
+    head_adapter.save_head(head_adapter.HeadAdapter(merged.lm_head), tmp_path / "h.safetensors", "t", merged, old,
+                           stage1)
+    assert head_adapter.load_head(tmp_path / "h.safetensors", merged, fp, stage1).target == "t"
+    with pytest.raises(lora.AdapterError, match="trained on another base model"):
+        head_adapter.load_prompter(None, tmp_path / "other", torch.float32)

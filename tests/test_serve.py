@@ -197,13 +197,19 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     engine = server.engine
     stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
-    next(iter(stream))  # decoding (40 steps of 80 ms)
+    next(iter(stream))
+    for _ in range(200):  # until its batch decodes (40 steps of 80 ms), alone
+        if engine.batch_sizes and engine.active:
+            break
+        time.sleep(0.01)
+    assert engine.batch_sizes == [1] and engine.active == 1
     waiting = threading.Thread(target=lambda: chat(client, PROMPTS[1], max_tokens=2))
     waiting.start()
     for _ in range(200):
         if engine.queue.qsize() == 1:
             break
         time.sleep(0.01)
+    assert engine.queue.qsize() == 1
     with pytest.raises(openai.BadRequestError, match="queues at most 1"):
         chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
     with pytest.raises(openai.InternalServerError) as e:
@@ -294,6 +300,9 @@ def test_the_proxy_forwards_the_rewrite_and_never_the_key(prompter, monkeypatch,
     assert reply.choices[0].message.content == "upstream answer (key ***)"
     streamed = list(client.chat.completions.create(model="alpha", messages=messages, stream=True))
     assert "".join(c.choices[0].delta.content for c in streamed) == "upstream answer (key ***)"
+    parts = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    raw = client.chat.completions.with_raw_response.create(model="alpha", messages=parts)  # nothing to rewrite
+    assert upstream.received[-1][1]["messages"] == parts and "x-optimized-prompt" not in raw.headers
     with pytest.raises(openai.RateLimitError) as e:  # upstream errors keep their status and headers
         client.chat.completions.create(model="alpha", messages=messages, user="rate me")
     assert e.value.response.headers["retry-after"] == "7"
@@ -305,7 +314,8 @@ def test_the_proxy_forwards_the_rewrite_and_never_the_key(prompter, monkeypatch,
     assert e.value.status_code == 502
     assert chat(client, PROMPTS[0], "beta").choices  # heads without an upstream still rewrite
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in log] == [200, 200, 429, 200, 502] and log[0]["rewrite"] == expected
+    assert [r["status"] for r in log] == [200, 200, 200, 429, 200, 502] and log[0]["rewrite"] == expected
+    assert log[2]["rewrite"] is None
     assert UPSTREAM_KEY not in (tmp_path / "log.jsonl").read_text()
 
 
