@@ -8,12 +8,12 @@ expected tables are computed here from the prompts alone, not by evaluate.py's c
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 import evaluate
+from tests.servers import LoopbackServer, completion, send_json
 
 KEY = "sk-eval-test-0123456789"
 ANSWER = re.compile(r"\[The Start of Answer (A|B)\]\n(.*?)\n\[The End of Answer \1\]", re.S)
@@ -24,46 +24,27 @@ def answer_for(prompt: str) -> str:
     return " ".join(["w"] * (len(prompt) // 4 + 1))
 
 
-class ChatServer:
+class ChatServer(LoopbackServer):
     """A chat-completions endpoint: reply(body) -> text, or an int status, or "drop" (close the connection
     unanswered); records the user message of every request it receives."""
 
     def __init__(self, reply):
         self.reply, self.seen, self.lock = reply, [], threading.Lock()
-        server = self
+        super().__init__(self.respond)
+        self.url += "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert self.headers["Authorization"] == f"Bearer {KEY}"
-                with server.lock:
-                    server.seen.append(body["messages"][-1]["content"])
-                result = server.reply(body)
-                if result == "drop":
-                    self.close_connection = True
-                    return self.connection.close()
-                status, headers = (result, {"Retry-After": "1"}) if isinstance(result, int) else (200, {})
-                payload = ({"choices": [{"index": 0, "message": {"role": "assistant", "content": result}}]}
-                           if status == 200 else {"error": {"message": "slow down"}})
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.http.shutdown()
-        self.http.server_close()
+    def respond(self, handler, data):
+        body = json.loads(data)
+        assert handler.headers["Authorization"] == f"Bearer {KEY}"
+        with self.lock:
+            self.seen.append(body["messages"][-1]["content"])
+        result = self.reply(body)
+        if result == "drop":
+            handler.close_connection = True
+            return handler.connection.close()
+        if isinstance(result, int):
+            return send_json(handler, result, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+        send_json(handler, 200, completion(result))
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -19,44 +18,18 @@ import target_data
 import train_head
 import train_sft
 from prompts import DEFAULT_DATA
+from tests.servers import LoopbackServer, send_json
 from tests.test_target_data import KEY, FakeLLM
 
 REPLY = {"choices": [{"message": {"role": "assistant", "content": "Improved."}}]}
 
 
-class Server:
-    """A server on 127.0.0.1 whose POST handler is `respond(handler)`; records each request's headers."""
+class Server(LoopbackServer):
+    """A loopback server whose POST handler is `respond(handler)`; records each request's headers."""
 
     def __init__(self, respond):
         self.requests = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests.append(dict(self.headers))
-                respond(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def reply(handler, status, payload, headers=()):
-    data = json.dumps(payload).encode()
-    handler.send_response(status)
-    for k, v in headers:
-        handler.send_header(k, v)
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
+        super().__init__(lambda handler, body: self.requests.append(dict(handler.headers)) or respond(handler))
 
 
 @pytest.fixture
@@ -78,8 +51,8 @@ def run_target_data(url, tmp_path, monkeypatch, sleep=time.sleep):
 
 
 def test_a_redirect_to_another_origin_is_refused_and_gets_no_key(servers, tmp_path, monkeypatch):
-    elsewhere = servers(lambda h: reply(h, 200, REPLY))
-    redirecting = servers(lambda h: reply(h, 302, {}, [("Location", elsewhere.url + "/v1/chat/completions")]))
+    elsewhere = servers(lambda h: send_json(h, 200, REPLY))
+    redirecting = servers(lambda h: send_json(h, 302, {}, {"Location": elsewhere.url + "/v1/chat/completions"}))
     # another port is another origin: the key must not go there, and its answer must not become data
     with pytest.raises(target_data.LLMError, match="redirected to another origin.*refused"):
         run_target_data(redirecting.url + "/v1", tmp_path, monkeypatch)
@@ -104,8 +77,8 @@ def test_a_key_echoed_in_an_answer_never_reaches_the_output(tmp_path, monkeypatc
 
 def test_retry_after_is_capped(servers, tmp_path, monkeypatch):
     calls = []
-    server = servers(lambda h: reply(h, 429, {}, [("Retry-After", "864000")]) if not calls.append(1) and len(calls) == 1
-                     else reply(h, 200, REPLY))
+    server = servers(lambda h: send_json(h, 429, {}, {"Retry-After": "864000"}) if not calls.append(1)
+                     and len(calls) == 1 else send_json(h, 200, REPLY))
     slept = []
     assert run_target_data(server.url + "/v1", tmp_path, monkeypatch, sleep=slept.append)["written"] == 1
     assert slept and max(slept) == target_data.MAX_RETRY_AFTER  # ten days asked, two minutes given
@@ -216,7 +189,7 @@ def test_a_new_run_never_replaces_an_existing_head(tmp_path):
 
 
 def test_an_unrelated_output_file_is_refused_untouched(servers, tmp_path, monkeypatch):
-    server = servers(lambda h: reply(h, 200, REPLY))
+    server = servers(lambda h: send_json(h, 200, REPLY))
     out = tmp_path / "out.jsonl"
     out.write_bytes(b"my notes\nsecond line without a newline")
     monkeypatch.setenv("TEST_KEY", KEY)

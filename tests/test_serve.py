@@ -7,12 +7,12 @@ import json
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from tests.conftest import write_prompter
+from tests.servers import LoopbackServer, completion, send_json
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -226,59 +226,41 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     assert engine.batch_steps[0] < 20  # the stream's row stopped when its client left, not after 40 steps
 
 
-class Upstream:
-    """An OpenAI-compatible upstream on 127.0.0.1 that records what it receives and echoes the key."""
+class Upstream(LoopbackServer):
+    """An OpenAI-compatible upstream that records what it receives and echoes the key it was sent."""
 
     def __init__(self):
         self.received = []
-        outer = self
+        super().__init__(self.respond)
+        self.url += "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.received.append((dict(self.headers), body))
-                if body.get("user") == "rate me":
-                    return self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})
-                if body.get("user") == "escape":  # the key with a JSON escape: \\u0073k-...
-                    return self.reply(200, {"echo": "x"}, raw=b'{"echo": "\\u' + b"%04x" % ord(UPSTREAM_KEY[0])
-                                      + UPSTREAM_KEY[1:].encode() + b'"}')
-                if body.get("user") == "cut":  # promises 1000 bytes, sends 9
-                    self.send_response(200)
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    self.wfile.write(b'{"choices')
-                    self.close_connection = True
-                    return
-                answer = f"upstream answer (key {self.headers['Authorization'].removeprefix('Bearer ')})"
-                if not body.get("stream"):
-                    return self.reply(200, {"id": "u1", "object": "chat.completion", "created": 1, "model": body["model"],
-                                            "choices": [{"index": 0, "finish_reason": "stop",
-                                                         "message": {"role": "assistant", "content": answer}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for piece in (answer[:10], answer[10:]):
-                    chunk = {"id": "u1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
-                             "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-
-            def reply(self, status, obj, headers=None, raw=None):
-                data = raw or json.dumps(obj).encode()
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+    def respond(self, handler, data):
+        body = json.loads(data)
+        self.received.append((dict(handler.headers), body))
+        if body.get("user") == "rate me":
+            return send_json(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})
+        if body.get("user") == "escape":  # the key with a JSON escape: \\u0073k-...
+            return send_json(handler, 200, None, raw=b'{"echo": "\\u' + b"%04x" % ord(UPSTREAM_KEY[0])
+                             + UPSTREAM_KEY[1:].encode() + b'"}')
+        if body.get("user") == "cut":  # promises 1000 bytes, sends 9
+            handler.send_response(200)
+            handler.send_header("Content-Length", "1000")
+            handler.end_headers()
+            handler.wfile.write(b'{"choices')
+            handler.close_connection = True
+            return
+        answer = f"upstream answer (key {handler.headers['Authorization'].removeprefix('Bearer ')})"
+        if not body.get("stream"):
+            return send_json(handler, 200, {"id": "u1", "object": "chat.completion", "created": 1,
+                                            "model": body["model"], **completion(answer)})
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        for piece in (answer[:10], answer[10:]):
+            chunk = {"id": "u1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        handler.wfile.write(b"data: [DONE]\n\n")
 
 
 def test_the_proxy_forwards_the_rewrite_and_never_the_key(prompter, monkeypatch, tmp_path):

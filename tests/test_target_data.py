@@ -6,18 +6,18 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import target_data
+from tests.servers import LoopbackServer, completion, send_json
 
 KEY = "sk-test-SECRET-7f3a9c"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class FakeLLM:
+class FakeLLM(LoopbackServer):
     """A chat-completions server: improves prompts as "Improved: <prompt>", after failing each prompt with
     the statuses in fail[prompt] first; records attempts and the most requests in flight at once."""
 
@@ -25,51 +25,30 @@ class FakeLLM:
         self.delay, self.fail, self.reject_key = delay, dict(fail or {}), reject_key
         self.attempts, self.in_flight, self.max_in_flight = [], 0, 0
         self.lock = threading.Lock()
-        fake = self
+        super().__init__(self.respond)
+        self.url += "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                with fake.lock:
-                    fake.attempts.append(prompt)
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                    failures = fake.fail.get(prompt, [])
-                    status = failures.pop(0) if failures else 200
-                try:
-                    time.sleep(fake.delay)
-                    if fake.reject_key or self.headers["Authorization"] != f"Bearer {KEY}":
-                        # a careless server that echoes the credentials it got
-                        return self._reply(401, {"error": f"invalid key {self.headers['Authorization']}"})
-                    if status != 200:
-                        return self._reply(status, {"error": "try later"}, {"Retry-After": "0"})
-                    assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
-                    self._reply(200, {"choices": [{"message": {"role": "assistant", "content": f"Improved: {prompt}"}}]})
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
-
-            def _reply(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, handler, data):
+        body = json.loads(data)
+        prompt = body["messages"][-1]["content"]
+        with self.lock:
+            self.attempts.append(prompt)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            failures = self.fail.get(prompt, [])
+            status = failures.pop(0) if failures else 200
+        try:
+            time.sleep(self.delay)
+            if self.reject_key or handler.headers["Authorization"] != f"Bearer {KEY}":
+                # a careless server that echoes the credentials it got
+                return send_json(handler, 401, {"error": f"invalid key {handler.headers['Authorization']}"})
+            if status != 200:
+                return send_json(handler, status, {"error": "try later"}, {"Retry-After": "0"})
+            assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
+            send_json(handler, 200, completion(f"Improved: {prompt}"))
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
 
 @pytest.fixture
