@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 import cli
-from llm import DEFAULT_CACHE, LLM, Cache, Pool, RequestFailed
+from llm import DEFAULT_CACHE, LLM, Pool, RequestFailed, add_request_args, request_settings
 from phi2.errors import UsageError
 from phi2.files import write_atomic
 from prompts import read_records
@@ -124,12 +124,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="the target's sampling")
     p.add_argument("--judge-max-tokens", type=cli.positive_int, default=d.judge_max_tokens,
                    help="the judge's longest reply")
-    p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
-    p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")
-    p.add_argument("--max-retries", type=cli.count, default=d.max_retries, help="retries of a failed request")
-    p.add_argument("--retry-base", type=cli.nonnegative_float, default=d.retry_base, help="first backoff, seconds")
+    add_request_args(p, d)
     p.add_argument("--bootstrap", type=cli.positive_int, default=d.bootstrap, help="bootstrap resamples")
-    p.add_argument("--cache", default=d.cache, help="JSONL cache of every answer, shared by runs ('' for none)")
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     if not cfg.rewrites and not (cfg.lora or cfg.head):
         raise EvalError("nothing makes the rewrites: give the prompter (--lora, --head) or --rewrites FILE")
@@ -294,8 +290,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         if missing:
             raise EvalError(f"{cfg.reference}: no reference output for {len(missing)} of {len(items)} instructions, "
                             f"e.g. {missing[0].source}; give the model_outputs.json of the same instruction set")
-    cache = Cache(cfg.cache) if cfg.cache else None
-    call = dict(cache=cache, timeout=cfg.timeout, max_retries=cfg.max_retries, retry_base=cfg.retry_base, sleep=sleep)
+    call = request_settings(cfg, sleep)  # one cache, shared by the target and the judge
     target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, **call)
     judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, **call)
     out.mkdir(parents=True, exist_ok=True)

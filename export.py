@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 import cli
-import phi2
 from head_adapter import base_folder, content_id, load_head, load_prompter
 from phi2.errors import UsageError
 from phi2.weights import hf_to_ours, save_hf_tensors
@@ -93,7 +92,7 @@ def main(cfg: ExportConfig) -> Path:
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else stored
 
     # fp32 throughout, as generate.py's fp32 path: the merge is the same arithmetic
-    model, _, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, torch.float32)
+    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, torch.float32)
     params = model.state_dict()
     tensors = {hf: params[ours].to(dtype) for hf, ours in hf_to_ours(model.config.n_layer).items()}
     target = None
@@ -105,9 +104,8 @@ def main(cfg: ExportConfig) -> Path:
 
     # what transformers and vLLM read to stop at the end of the rewrite, and the rotary settings in the
     # top-level spelling older readers know (transformers 5 reads rope_parameters)
-    eos = phi2.load_tokenizer(folder).eos_id
-    base_config.setdefault("eos_token_id", eos)
-    base_config.setdefault("bos_token_id", eos)
+    base_config.setdefault("eos_token_id", tokenizer.eos_id)
+    base_config.setdefault("bos_token_id", tokenizer.eos_id)
     rope = base_config.get("rope_parameters") or {}
     for key in ("rope_theta", "partial_rotary_factor"):
         if key in rope:

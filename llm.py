@@ -88,6 +88,24 @@ class Cache:
             self.cut_short = False
 
 
+def add_request_args(p, defaults):
+    """The flags of every command that calls an LLM: concurrency, timeout, retries, backoff, cache (the
+    defaults from the command's config: it has fields of these names)."""
+    import cli
+    d = defaults
+    p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
+    p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")
+    p.add_argument("--max-retries", type=cli.count, default=d.max_retries, help="retries of a failed request")
+    p.add_argument("--retry-base", type=cli.nonnegative_float, default=d.retry_base, help="first backoff, seconds")
+    p.add_argument("--cache", default=d.cache, help="JSONL cache of every answer, shared by runs ('' for none)")
+
+
+def request_settings(cfg, sleep=time.sleep) -> dict:
+    """LLM(...)'s keyword arguments from a config holding add_request_args' fields."""
+    return dict(cache=Cache(cfg.cache) if cfg.cache else None, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                retry_base=cfg.retry_base, sleep=sleep)
+
+
 class LLM:
     """One model at one OpenAI-compatible endpoint; chat(messages, **params) -> the reply's text."""
 
@@ -124,7 +142,7 @@ class LLM:
     def chat(self, messages: list[dict], **params) -> str:
         """The reply to messages, from the cache or the endpoint (with retries)."""
         request = {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
-        key = Cache.key(request)
+        key = Cache.key(request) if self.cache else None
         if self.cache and (answer := self.cache.get(key)) is not None:
             return answer
         last = None

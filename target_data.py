@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import cli
-from llm import DEFAULT_CACHE, LLM, MAX_RETRY_AFTER, Cache, LLMError, RequestFailed, concurrently  # noqa: F401
+from llm import (DEFAULT_CACHE, LLM, MAX_RETRY_AFTER, Cache, LLMError, RequestFailed,  # noqa: F401
+                 add_request_args, concurrently, request_settings)
 from phi2.errors import UsageError
 from prompts import DEFAULT_DATA, read_prompts
 
@@ -64,14 +65,10 @@ def parse_args(argv=None) -> TargetDataConfig:
     p.add_argument("--data", default=d.data, help="prompts: .txt (one per line) or .jsonl/.json/.csv records")
     p.add_argument("--field", default=d.field, help="the prompt's field in --data records")
     p.add_argument("--instruction", default=d.instruction, help="the system message")
-    p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
-    p.add_argument("--max-retries", type=cli.count, default=d.max_retries, help="retries of a failed request")
-    p.add_argument("--retry-base", type=cli.nonnegative_float, default=d.retry_base, help="first backoff in seconds")
-    p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="the target's sampling")
     p.add_argument("--max-tokens", type=cli.positive_int, default=d.max_tokens, help="longest improved prompt")
     p.add_argument("--limit", type=cli.positive_int, help="only the first N prompts")
-    p.add_argument("--cache", default=d.cache, help="JSONL cache of answers, shared by runs ('' for none)")
+    add_request_args(p, d)
     return TargetDataConfig(**vars(p.parse_args(argv)))
 
 
@@ -101,8 +98,7 @@ def load_done(out: Path) -> set:
 
 
 def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
-    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, cache=Cache(cfg.cache) if cfg.cache else None,
-                 timeout=cfg.timeout, max_retries=cfg.max_retries, retry_base=cfg.retry_base, sleep=sleep)
+    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, **request_settings(cfg, sleep))
     prompts = read_prompts(cfg.data, cfg.field)[: cfg.limit]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -171,27 +171,27 @@ def fingerprint(model: Phi2) -> str:
     re-saved in another dtype keeps its fingerprint; another base, the same base fine-tuned or with an adapter
     merged into it, flips the signs of many of its near-zero weights. Adapters and heads record it to refuse a
     base they were not trained on. (LoRA layers are not part of it.)"""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    params = model.state_dict()
-    for name in sorted(hf_to_ours(model.config.n_layer).values()):
-        tensor = params[name].detach()
-        flat = tensor.reshape(-1)
-        signs = torch.signbit(flat[:: max(1, flat.numel() // 1024)]).to("cpu", torch.uint8)
-        h.update(f"{name}{tuple(tensor.shape)}".encode())
-        h.update(signs.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _sampled_hash(model, lambda name, tensor, sample: (
+        f"{name}{tuple(tensor.shape)}".encode(), torch.signbit(sample).to("cpu", torch.uint8).numpy().tobytes()))
 
 
 def legacy_fingerprint(model: Phi2) -> str:
     """The fingerprint of versions before 2026-12-03 (samples rounded to bf16, which an fp16 re-save can change):
     adapters and heads saved by them still load on the base they were made for."""
+    return _sampled_hash(model, lambda name, tensor, sample: (
+        name.encode(), sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()))
+
+
+def _sampled_hash(model: Phi2, parts) -> str:
+    """sha256 (16 hex digits) of the config, then parts(name, tensor, sample) for each checkpoint tensor in
+    name order, sample being about 1024 of its elements, evenly spaced."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
     params = model.state_dict()
     for name in sorted(hf_to_ours(model.config.n_layer).values()):
-        flat = params[name].detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.bfloat16)
-        h.update(name.encode())
-        h.update(sample.view(torch.int16).numpy().tobytes())
+        tensor = params[name].detach()
+        flat = tensor.reshape(-1)
+        for part in parts(name, tensor, flat[:: max(1, flat.numel() // 1024)]):
+            h.update(part)
     return h.hexdigest()[:16]
 
 
