@@ -2,9 +2,11 @@
 the plain PyTorch it replaces (tests/test_model.py checks each against it) and was kept because it was
 measured to pay on these machines' CPUs:
 
-- `Linear`: nn.Linear with a faster path for 1 to 8 half-precision rows on the CPU (decoding). For one row
-  torch.addmv reaches about twice the bandwidth of F.linear; for 2 to 8 rows W @ x.T is 1.3-1.5x faster on
-  Phi-2's shapes. 2-layer Phi-2 bf16 decoding at batch 8 went from 1.13x to 1.42x transformers with it.
+- `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU. The same product
+  with the weight as the left operand, W @ x.T, is 1.3-1.5x faster for 2 to 8 bf16 rows and 1.4-4.4x faster
+  for 2 to 256 fp32 rows on Phi-2's shapes (MKL on an AVX2 AMD EPYC); for one bf16 row torch.addmv reaches
+  about twice the bandwidth of F.linear. 2-layer Phi-2 bf16 decoding at batch 8 went from 1.13x to 1.42x
+  transformers with it.
 - `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
   instead of n: 3.5x faster than F.dropout at p = 0.05 on a CPU. On other devices it is F.dropout, whose
   fused kernel needs no host synchronisation.
@@ -27,21 +29,30 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, plus fast paths for a few rows of bf16/fp16 input on the CPU (decoding).
+    """nn.Linear, plus fast paths for the few rows of batched decoding on the CPU.
 
-    oneDNN's half-precision matmul behind F.linear is slow when the input has only a few rows. For one
-    row, torch.addmv's kernel reaches about twice its bandwidth. For 2 to 8 rows, the same matmul with the
-    weight as the left operand, W @ x.T, is 1.3-1.5x faster on Phi-2's layer shapes and no slower on
-    small ones. Both accumulate in fp32 (bench/generation.py measures the effect).
+    The CPU matmuls behind F.linear (x @ W.T) are slow when x has only a few rows: oneDNN's for bf16/fp16
+    and, on the AMD CPUs measured here, MKL's for fp32, which runs 16 rows through Phi-2's 51200 x 2560 head
+    at 14 GFLOP/s. The same product with the weight as the left operand, W @ x.T, is no slower anywhere
+    measured and much faster there: 1.3-1.5x for 2 to 8 half-precision rows, 1.9x for 2 fp32 rows, 4.4x for
+    8 and 1.4x for 128, fading to equal by about 1000 rows. For one half-precision row, torch.addmv's kernel
+    reaches about twice F.linear's bandwidth. Small fp32 weights keep F.linear, whose lower overhead wins
+    there. Every path accumulates in fp32; only the order of the sums differs (bench/generation.py and
+    bench/serve.py measure the effect).
     """
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if rows <= 8 and x.dtype == self.weight.dtype != torch.float32 and x.is_cpu:
-            if rows == 1:
+        if x.is_cpu and x.dtype == self.weight.dtype and self.bias is not None:
+            half = x.dtype in (torch.bfloat16, torch.float16)
+            if half and rows == 1:
                 return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-            y = torch.addmm(self.bias[:, None], self.weight, x.reshape(rows, -1).t())  # (out, rows)
-            return y.t().reshape(*x.shape[:-1], -1)
+            if (half and rows <= 8) or (x.dtype == torch.float32 and 2 <= rows <= 256
+                                        and self.weight.numel() >= 1 << 20):
+                y = torch.addmm(self.bias[:, None], self.weight, x.reshape(rows, -1).t())  # (out, rows)
+                # a copy, small beside the weight: a transposed view would halve the speed of the next
+                # Linear (x.t() row-major is the slow operand layout) and of the ops that read rows
+                return y.t().contiguous().view(*x.shape[:-1], -1)
         return super().forward(x)
 
 

@@ -221,6 +221,43 @@ def test_linear_cross_entropy_does_no_gradient_work_under_no_grad():
     assert counts[0] == counts[1]
 
 
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, r) for r in (1, 2, 8, 64, 256, 257)]
+                         + [(torch.bfloat16, r) for r in (1, 2, 8, 9)])
+def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from phi2.fused import Linear
+
+    class WeightLeft(TorchDispatchMode):  # whether a matmul took the weight as its left operand, W @ x.T
+        seen = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.addmm.default, torch.ops.aten.addmv.default):
+                self.seen |= args[1].data_ptr() == layer.weight.data_ptr()
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(rows)
+    for out_features, in_features in ((1024, 1024), (64, 32)):  # a weight large enough for fp32's path; a small one
+        layer = Linear(in_features, out_features).to(dtype)
+        x = torch.randn(1, rows, in_features, dtype=dtype, requires_grad=True)
+        with WeightLeft() as mode:
+            y = layer(x)
+        if dtype == torch.float32:
+            assert mode.seen == (2 <= rows <= 256 and out_features * in_features >= 1 << 20)
+        else:
+            assert mode.seen == (rows <= 8)
+        ref_x, ref_w, ref_b = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+        ref = F.linear(ref_x, ref_w, ref_b)
+        g = torch.randn_like(y)
+        y.backward(g)
+        ref.backward(g.double())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert y.shape == ref.shape == (1, rows, out_features) and y.is_contiguous()  # the next layer's fast layout
+        for ours, theirs in ((y, ref), (x.grad, ref_x.grad), (layer.weight.grad, ref_w.grad),
+                             (layer.bias.grad, ref_b.grad)):
+            assert torch.allclose(ours.double(), theirs, rtol=tol, atol=tol * theirs.abs().max().item())
+
+
 def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
     model = phi2.build_model(tiny_cfg).eval()
     x = _tokens(tiny_cfg, B=2, T=12)
