@@ -11,18 +11,19 @@ behave as OpenAI documents them. With --upstream NAME=URL, a chat request for mo
 to that LLM with its last user message rewritten by NAME's head and every other field unchanged; the
 upstream's reply comes back as it came, the rewrite in the X-Optimized-Prompt header (URL-encoded).
 
-Dynamic batching: one thread decodes; the requests waiting when it starts a batch (up to --max-batch) are
-decoded together, sharing the body's forward pass, each row with its own head, sampling, stop strings and
-length; a request that arrives during a batch joins the next one. A row is what the request gets alone.
+Continuous batching: one thread decodes up to --max-batch rows together, sharing the body's forward pass,
+each row with its own head, sampling, stop strings and length; a request that arrives while rows decode is
+prefilled and joins them at the next step, and a row that finishes leaves. A row is what the request gets
+alone.
 Needs the [serve] extra (FastAPI, uvicorn, httpx). Binds 127.0.0.1 unless --host says otherwise.
 """
 
 import asyncio
+import collections
 import hmac
 import json
 import math
 import os
-import queue
 import random
 import re
 import sys
@@ -111,13 +112,91 @@ class Job:
         self.events = asyncio.Queue()
         self.cancelled = threading.Event()  # the client went away: the row stops counting
         self.out, self.sent, self.finish = [], "", None
+        self.generator = None  # its sampling's own random stream, made when it joins the rows
 
     def emit(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def going(self) -> bool:
+        return self.finish is None and not self.cancelled.is_set()
+
+
+class Rows:
+    """The rows decoding together, each at its own length. Row r's tokens fill the last lengths[r] of the
+    cache's slots [0, P), left-padded as phi2.generation.generate pads a prompt set, so that every row writes
+    its next token at slot P and one forward pass steps them all. Rows join (their prompts prefilled in a
+    cache of their own, then copied in) and leave between steps; the cache is rebuilt then, to the slots
+    the rows still need."""
+
+    def __init__(self, model):
+        self.model, self.device = model, model.lm_head.weight.device
+        self.jobs, self.lengths, self.P = [], [], 0
+        self.h = None  # (B, C): each row's last hidden state, which its next token comes from
+        self.start = self.positions = None  # (B,) each row's first slot; (B, 1) its next rotary position
+
+    def span(self, joining=()) -> int:
+        """The cache slots the rows, and `joining` were they to join, need to finish: the longest row so far
+        plus the most tokens any may still make."""
+        jobs = self.jobs + list(joining)
+        longest = max(self.lengths + [len(job.ids) for job in joining], default=0)
+        return longest + max((job.max_tokens - len(job.out) for job in jobs), default=0)
+
+    def join(self, jobs: list[Job]):
+        """Prefill the jobs' prompts together and make them the last rows."""
+        model, device = self.model, self.device
+        running = model.kv_caches()
+        idx, valid = pad([job.ids for job in jobs], pad_id=0, padding_side="left")  # (N, L)
+        N, L = idx.shape
+        mask = position_ids = None
+        if not valid.all():
+            mask, position_ids = left_padding(valid.to(device))
+        model.setup_kv_cache(N, L, device=device)
+        h = model.hidden_states(idx.to(device), torch.arange(L, device=device), mask, position_ids, kv_len=L)
+        self._rebuild(list(range(len(self.jobs))), running, jobs, model.kv_caches(), h[:, -1])
+
+    def keep(self, rows: list[int]):
+        """Only these rows go on (the others finished, or their clients left)."""
+        self._rebuild(rows, self.model.kv_caches())
+
+    def _rebuild(self, rows, running, jobs=(), prefilled=None, h=None):
+        """A cache holding the kept rows (the last m slots, which hold all their tokens) and then the joining
+        ones (their prefilled L slots), every row ending at the new P; as long as the rows still need."""
+        lengths = [self.lengths[r] for r in rows] + [len(job.ids) for job in jobs]
+        self.jobs, self.lengths = [self.jobs[r] for r in rows] + list(jobs), lengths
+        if not self.jobs:
+            self.model.clear_kv_cache()
+            self.P, self.h = 0, None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        m, L = max(lengths[: len(rows)], default=0), max(lengths[len(rows):], default=0)
+        P = max(m, L)
+        self.model.setup_kv_cache(len(self.jobs), self.span(), device=self.device)
+        for cache, old, new in zip(self.model.kv_caches(), running, prefilled or [None] * len(running)):
+            for name in ("k", "v"):
+                slots = getattr(cache, name)  # (B, H_kv, S, D)
+                if rows:
+                    slots[: len(rows), :, P - m: P] = getattr(old, name)[index, :, self.P - m: self.P]
+                if jobs:
+                    slots[len(rows):, :, P - L: P] = getattr(new, name)  # (N, H_kv, L, D)
+        self.h = torch.cat(([self.h.index_select(0, index)] if rows else []) + ([h] if jobs else []))
+        self.P = P
+        lengths = torch.tensor(lengths, device=self.device)
+        self.start, self.positions = P - lengths, lengths[:, None]
+
+    def step(self, tokens):
+        """Feed each row its next token (B,): the rows' new hidden states, one slot further."""
+        P, B = self.P, len(self.jobs)
+        mask = None  # rows all as long as the cache: plain causal decoding, as a lone request gets
+        if any(n != P for n in self.lengths):
+            mask = (torch.arange(P + 1, device=self.device) >= self.start[:, None]).view(B, 1, 1, P + 1)
+        pos = torch.arange(P, P + 1, device=self.device)
+        self.h = self.model.hidden_states(tokens[:, None], pos, mask, self.positions, kv_len=P + 1)[:, -1]
+        self.P, self.lengths, self.positions = P + 1, [n + 1 for n in self.lengths], self.positions + 1
+
 
 class Engine:
-    """The model, its heads by name ("base": none) and the thread that decodes queued jobs in batches."""
+    """The model, its heads by name ("base": none) and the thread that decodes the queued jobs: continuous
+    batching, each job joining the running rows at the next step where it fits."""
 
     def __init__(self, model, tokenizer, heads: dict, max_batch=16, window=0.005, step_delay=0.0):
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
@@ -125,90 +204,86 @@ class Engine:
         self.step_delay = step_delay  # seconds added to each decode step: for tests of slow batches only
         self.device = model.lm_head.weight.device
         self.context = model.config.block_size
-        self.queue = queue.Queue()
-        self.active = 0  # rows of the running batch still wanted
-        self.batch_sizes, self.batch_steps = [], []  # of every batch decoded: for the tests and the benchmark
+        self.queue = collections.deque()  # jobs waiting to join, oldest first; only the decoding thread takes
+        self.arrived = threading.Condition()
+        self.active = 0  # rows decoding now
+        self.steps = collections.deque(maxlen=10_000)  # rows in each recent step: for the tests and benchmarks
+        self.left = collections.deque(maxlen=10_000)  # (why, tokens made) of each recent row as it left
         threading.Thread(target=self._run, daemon=True, name="decoder").start()
 
     def submit(self, jobs: list[Job]):
-        for job in jobs:
-            self.queue.put(job)
+        with self.arrived:
+            self.queue.extend(jobs)
+            self.arrived.notify()
 
     def _run(self):
-        later = []  # jobs taken from the queue that did not fit the last batch: first in the next
         while True:
-            jobs, later = later or [self.queue.get()], []
-            deadline = time.monotonic() + self.window  # requests sent together arrive within a few ms
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            jobs = [job for job in jobs if not job.cancelled.is_set()]
-            jobs, later = self.fitting(jobs)
-            if not jobs:
-                continue
+            with self.arrived:
+                self.arrived.wait_for(lambda: self.queue)
+            time.sleep(self.window)  # requests sent together arrive within a few ms: one prefill for them
             try:
-                self.decode(jobs)
-            except Exception as e:  # noqa: BLE001 (a bug or an out-of-memory must not stop the server)
-                for job in jobs:
-                    if job.finish is None:
-                        job.emit("error", f"{type(e).__name__}: {e}")
-            finally:
-                self.active = 0
+                self.decode(self.queue)
+            except Exception:  # noqa: BLE001 (its rows were told; a bug or an out-of-memory must not stop the server)
+                pass
 
-    def fitting(self, jobs: list[Job]) -> tuple[list[Job], list[Job]]:
-        """The jobs that fit one batch, in arrival order, and the rest. Rows are left-padded to the longest
-        prompt and decoded to the largest max_tokens, and that must fit the context (each job alone does)."""
-        batch, rest, longest, steps = [], [], 0, 0
-        for job in jobs:
-            if max(longest, len(job.ids)) + max(steps, job.max_tokens) <= self.context:
-                batch.append(job)
-                longest, steps = max(longest, len(job.ids)), max(steps, job.max_tokens)
-            else:
-                rest.append(job)
-        return batch, rest
+    def joining(self, jobs, rows: Rows) -> list[Job]:
+        """The jobs at the front of `jobs` (taken from it) that join the rows now: in arrival order, while
+        there is a free row and the cache's span stays within the context. The first that does not fit
+        waits for rows to finish, and those behind it wait too, so that none waits forever."""
+        taken = []
+        while jobs and len(rows.jobs) + len(taken) < self.max_batch:
+            job = jobs[0]
+            if job.cancelled.is_set():
+                jobs.popleft()
+            elif rows.span(taken + [job]) <= self.context:
+                taken.append(jobs.popleft())
+            elif rows.jobs or taken:
+                break
+            else:  # too long even alone: the server refuses these before they are queued
+                jobs.popleft().emit("error", f"the prompt and max_tokens exceed the context of {self.context}")
+        return taken
 
     @torch.inference_mode()
-    def decode(self, jobs: list[Job]):
-        """Decode the jobs as one left-padded batch, as phi2.generation.generate does one prompt set."""
-        model, device = self.model, self.device
-        self.batch_sizes.append(len(jobs))
-        self.batch_steps.append(0)
-        self.active = len(jobs)
-        B, T = len(jobs), max(len(job.ids) for job in jobs)
-        steps = max(job.max_tokens for job in jobs)
-        generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
-        idx, valid = pad([job.ids for job in jobs], pad_id=0, padding_side="left")  # (B, T)
-        padded = not bool(valid.all())
-        idx, valid = idx.to(device), valid.to(device)
-        mask = position_ids = None
-        if padded:
-            mask, position_ids = left_padding(valid)
-            key_valid = torch.cat([valid, valid.new_ones(B, steps)], dim=1)  # (B, T + steps)
-        model.setup_kv_cache(B, T + steps, device=device)
+    def decode(self, jobs):
+        """Decode jobs (a deque, or a list for the tests), taking them from the front as they fit, until
+        none is left; the server's queue is one, still filling while it runs."""
+        jobs = jobs if isinstance(jobs, collections.deque) else collections.deque(jobs)
+        rows, taken = Rows(self.model), []
         try:
-            h = model.hidden_states(idx, torch.arange(T, device=device), mask, position_ids, kv_len=T)[:, -1]
-            for i in range(steps):
-                self.batch_steps[-1] = i + 1
-                token = self.pick(h, jobs, generators)  # (B,)
-                for job, t in zip(jobs, token.tolist()):
-                    if job.finish is None and not job.cancelled.is_set():
-                        self.advance(job, t, i)
-                self.active = sum(job.finish is None and not job.cancelled.is_set() for job in jobs)
-                if not self.active:
-                    break
-                if self.step_delay:
-                    time.sleep(self.step_delay)
-                if padded:
-                    mask = key_valid[:, None, None, : T + i + 1]  # (B, 1, 1, T + i + 1)
-                    position_ids = position_ids[:, -1:] + 1  # (B, 1)
-                pos = torch.arange(T + i, T + i + 1, device=device)
-                h = model.hidden_states(token[:, None], pos, mask, position_ids, kv_len=T + i + 1)[:, -1]
+            while True:
+                taken = self.joining(jobs, rows)
+                if taken:
+                    for job in taken:
+                        job.generator = torch.Generator(device=self.device).manual_seed(job.seed)
+                    rows.join(taken)
+                    taken = []
+                if not rows.jobs:
+                    return
+                token = self.pick(rows.h, rows.jobs)  # (B,)
+                for job, t in zip(rows.jobs, token.tolist()):
+                    if job.going():
+                        self.advance(job, t)
+                going = [r for r, job in enumerate(rows.jobs) if job.going()]
+                if len(going) < len(rows.jobs):
+                    self.left.extend((job.finish or "cancelled", len(job.out)) for job in rows.jobs if not job.going())
+                    rows.keep(going)
+                    token = token[going]
+                self.active = len(going)
+                if going:
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+                    self.steps.append(len(going))
+                    rows.step(token)
+        except Exception as e:
+            for job in rows.jobs + taken:
+                if job.finish is None:
+                    job.emit("error", f"{type(e).__name__}: {e}")
+            raise
         finally:
-            model.clear_kv_cache()
+            self.active = 0
+            self.model.clear_kv_cache()
 
-    def pick(self, h, jobs, generators):
+    def pick(self, h, jobs):
         """Each row's next token (B,): its head's logits for h (B, C), then greedy or its own sampling."""
         rows_of = {}
         for r, job in enumerate(jobs):
@@ -223,11 +298,11 @@ class Engine:
         token = sample(logits)  # greedy for every row; sampled rows are redrawn below
         for r, job in enumerate(jobs):
             if job.temperature > 0:
-                token[r] = sample(logits[r:r + 1], job.temperature, None, job.top_p, generators[r])[0]
+                token[r] = sample(logits[r:r + 1], job.temperature, None, job.top_p, job.generator)[0]
         return token.to(h.device)
 
-    def advance(self, job: Job, t: int, i: int):
-        """Take token t as the job's step-i token: release what of its text is final, or finish it."""
+    def advance(self, job: Job, t: int):
+        """Take token t as the job's next token: release what of its text is final, or finish it."""
         tokenizer = self.tokenizer
         stopped = False
         if t == tokenizer.eos_id:
@@ -238,7 +313,7 @@ class Engine:
             text, stopped = releasable(tokenizer.decode(job.out), job.stop)
             if stopped:
                 job.finish = "stop"
-            elif i + 1 >= job.max_tokens:
+            elif len(job.out) >= job.max_tokens:
                 job.finish = "length"
                 text = tokenizer.decode(job.out)
         # the reply is the stripped text: leading spaces are never sent, trailing ones wait for what follows
@@ -409,8 +484,8 @@ class Server:
         if len(jobs) > self.max_queue:  # would never fit: not a matter of waiting
             raise APIError(400, f"{len(jobs)} choices in one request; this server queues at most {self.max_queue}",
                            param="n")
-        if self.engine.queue.qsize() + len(jobs) > self.max_queue:
-            raise APIError(503, f"the server is busy ({self.engine.queue.qsize()} requests waiting); retry shortly",
+        if len(self.engine.queue) + len(jobs) > self.max_queue:
+            raise APIError(503, f"the server is busy ({len(self.engine.queue)} requests waiting); retry shortly",
                            type_="server_error", code="queue_full", headers={"Retry-After": "1"})
         self.engine.submit(jobs)
 

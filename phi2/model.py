@@ -170,8 +170,15 @@ class Phi2(nn.Module):
             attn.kv_cache = KVCache(batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype, device)
 
     def clear_kv_cache(self):
-        for block in self.layers:
-            block.self_attn.kv_cache = None
+        self.set_kv_caches([None] * len(self.layers))
+
+    def kv_caches(self) -> list[KVCache | None]:
+        """Each layer's cache, to set back later (serve.py prefills joining rows in caches of their own)."""
+        return [block.self_attn.kv_cache for block in self.layers]
+
+    def set_kv_caches(self, caches: list[KVCache | None]):
+        for block, cache in zip(self.layers, caches, strict=True):
+            block.self_attn.kv_cache = cache
 
     def hidden_states(self, idx, input_pos=None, mask=None, position_ids=None, kv_len=None):
         """Final-LayerNorm output (B, T, C) for token ids idx (B, T).

@@ -114,7 +114,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_reply(served):
     requests = [(p, m) for p in PROMPTS for m in ("alpha", "beta", "base")][:16]
     solo = [chat(client, p, m).choices[0].message.content for p, m in requests]
     seeded = chat(client, PROMPTS[2], temperature=1.0, seed=7, n=2, top_p=0.9)
-    before = len(server.engine.batch_sizes)
+    server.engine.steps.clear()
     results = [None] * len(requests)
     barrier = threading.Barrier(len(requests) + 1)
 
@@ -130,7 +130,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_reply(served):
     for t in threads:
         t.join(timeout=60)
     assert results == solo
-    assert max(server.engine.batch_sizes[before:]) > 1  # they shared batches
+    assert max(server.engine.steps) > 1  # they shared steps
     assert [c.message.content for c in again.choices] == [c.message.content for c in seeded.choices]
 
 
@@ -192,24 +192,99 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
     assert chat(client, PROMPTS[0]).choices  # and it still serves
 
 
+class Direct:
+    """Stands in for the event loop a serve.Job reports to: its events go straight into its queue."""
+
+    @staticmethod
+    def call_soon_threadsafe(fn, *args):
+        fn(*args)
+
+
+class Spy(torch.nn.Module):
+    """A head that keeps every hidden state (row) it is given."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.rows = head, []
+
+    def forward(self, h):
+        self.rows.append(h.clone())
+        return self.head(h)
+
+
+def test_rows_joining_and_leaving_at_different_steps_each_equal_their_solo_decode(prompter):
+    model, tokenizer, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
+    heads = {"base": Spy(model.lm_head), "alpha": Spy(ha.load_head(prompter / "alpha.safetensors", model, fp, stage1))}
+    engine = serve.Engine(model, tokenizer, heads, max_batch=2)
+    # (prompt, head, max_tokens, temperature, seed): two rows at a time, so each finish lets the next join
+    # at a step of its own, with a prompt shorter or longer than the rows it joins
+    specs = [(PROMPTS[5], "alpha", 9, 0.0, None), (PROMPTS[0], "base", 3, 0.0, None),
+             (PROMPTS[3] * 3, "alpha", 12, 0.0, None), (PROMPTS[4], "base", 5, 0.9, 11),
+             (PROMPTS[1], "alpha", 7, 0.0, None)]
+    make = lambda: [serve.Job(tokenizer.encode(format_prompt(p)), m, n, t, None, seed, loop=Direct())  # noqa: E731
+                    for p, m, n, t, seed in specs]
+    solo = []
+    for job in make():
+        engine.decode([job])
+        solo.append(job.out)
+    solo_rows = torch.cat([row for spy in heads.values() for row in spy.rows])  # (every step of every job, C)
+    for spy in heads.values():
+        spy.rows.clear()
+    engine.steps.clear()
+    engine.left.clear()
+    jobs = make()
+    engine.decode(jobs)
+    assert [job.out for job in jobs] == solo
+    assert [len(out) for out in solo] == [n for _, _, n, _, _ in specs]  # no EOS: each row runs to its length
+    # two rows at a time, each next job taking the row freed first: rows leave in this order, not arrival's
+    assert [tokens for _, tokens in engine.left] == [3, 9, 5, 12, 7]
+    assert set(engine.steps) == {1, 2}
+    # and every hidden state a head saw is one the same job gave alone (the tokens alone are a weak check:
+    # a tiny random model's argmax barely depends on what a row attends to)
+    rows = torch.cat([row for spy in heads.values() for row in spy.rows])
+    assert rows.shape == solo_rows.shape
+    distance = torch.cdist(rows, solo_rows, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not |a|²+|b|²-2ab
+    assert distance.min(dim=1).values.max() < 1e-4
+
+
+def test_a_request_arriving_mid_decode_joins_at_the_next_step_and_equals_its_solo_reply(prompter, monkeypatch):
+    server, url = launch(prompter, monkeypatch, step_delay=0.05)
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    engine = server.engine
+    first, second = (PROMPTS[5], "alpha", 24), (PROMPTS[0], "beta", 6)  # prompts of different lengths
+    solo = [direct(prompter, m, p, n)[0] for p, m, n in (first, second)]
+    stream = chat(client, first[0], first[1], max_tokens=first[2], stream=True)
+    pieces = [next(iter(stream)).choices[0].delta.content or ""]
+    for _ in range(300):  # until the first row has made a few tokens
+        if len(engine.steps) >= 3:
+            break
+        time.sleep(0.01)
+    joined = chat(client, second[0], second[1], max_tokens=second[2]).choices[0].message.content
+    pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert ["".join(pieces), joined] == solo
+    # the second left first, while the first went on: it had joined the running row, not waited for it
+    assert [tokens for _, tokens in engine.left] == [second[2], first[2]]
+    assert 2 in engine.steps and engine.steps[-1] == 1
+
+
 def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter, monkeypatch):
-    server, url = launch(prompter, monkeypatch, "--max-queue", "1", step_delay=0.08)
+    server, url = launch(prompter, monkeypatch, "--max-queue", "1", "--max-batch", "1", step_delay=0.08)
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     engine = server.engine
     stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
     next(iter(stream))
-    for _ in range(200):  # until its batch decodes (40 steps of 80 ms), alone
-        if engine.batch_sizes and engine.active:
+    for _ in range(200):  # until its row decodes (40 steps of 80 ms), alone: --max-batch 1
+        if engine.active:
             break
         time.sleep(0.01)
-    assert engine.batch_sizes == [1] and engine.active == 1
+    assert engine.active == 1
     waiting = threading.Thread(target=lambda: chat(client, PROMPTS[1], max_tokens=2))
     waiting.start()
     for _ in range(200):
-        if engine.queue.qsize() == 1:
+        if len(engine.queue) == 1:
             break
         time.sleep(0.01)
-    assert engine.queue.qsize() == 1
+    assert len(engine.queue) == 1
     with pytest.raises(openai.BadRequestError, match="queues at most 1"):
         chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
     with pytest.raises(openai.InternalServerError) as e:
@@ -222,8 +297,9 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
         if engine.active == 0:
             break
         time.sleep(0.02)
-    assert engine.active == 0 and engine.batch_sizes == [1, 1]
-    assert engine.batch_steps[0] < 20  # the stream's row stopped when its client left, not after 40 steps
+    assert engine.active == 0 and len(engine.left) == 2 and max(engine.steps) == 1
+    why, tokens = engine.left[0]
+    assert why == "cancelled" and tokens < 20  # the stream's row stopped when its client left, not after 40
 
 
 class Upstream(LoopbackServer):
