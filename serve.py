@@ -265,7 +265,8 @@ class Engine:
                         self.advance(job, t)
                 going = [r for r, job in enumerate(rows.jobs) if job.going()]
                 if len(going) < len(rows.jobs):
-                    self.left.extend((job.finish or "cancelled", len(job.out)) for job in rows.jobs if not job.going())
+                    self.left.extend((job.finish or "cancelled", len(job.out))
+                                     for r, job in enumerate(rows.jobs) if r not in going)
                     rows.keep(going)
                     token = token[going]
                 self.active = len(going)
