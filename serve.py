@@ -121,6 +121,23 @@ class Job:
         return self.finish is None and not self.cancelled.is_set()
 
 
+class Prefix:
+    """The ids every prompt starts with (the template's, up to the prompt itself) and their keys and values
+    at each layer: computed once, copied into every prefill."""
+
+    def __init__(self, model, tokenizer):
+        a, b = (tokenizer.encode(format_prompt(text)) for text in ("a", "b"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        self.ids, self.kv = a[:n], []
+        if n:
+            device = model.lm_head.weight.device
+            with torch.inference_mode():
+                model.setup_kv_cache(1, n, device=device)
+                model.hidden_states(torch.tensor([self.ids], device=device), torch.arange(n, device=device), kv_len=n)
+                self.kv = [(cache.k, cache.v) for cache in model.kv_caches()]  # each (1, H_kv, n, D)
+                model.clear_kv_cache()
+
+
 class Rows:
     """The rows decoding together, each at its own length. Row r's tokens fill the last lengths[r] of the
     cache's slots [0, P), left-padded as phi2.generation.generate pads a prompt set, so that every row writes
@@ -141,17 +158,31 @@ class Rows:
         longest = max(self.lengths + [len(job.ids) for job in joining], default=0)
         return longest + max((job.max_tokens - len(job.out) for job in jobs), default=0)
 
-    def join(self, jobs: list[Job]):
-        """Prefill the jobs' prompts together and make them the last rows."""
+    def join(self, jobs: list[Job], prefix=None):
+        """Prefill the jobs' prompts together and make them the last rows. With `prefix` (ids every prompt
+        may start with, and their keys and values), prompts that all start with it skip those tokens: their
+        keys and values are copied in, not computed again (the template's first 9 of about 17 tokens)."""
         model, device = self.model, self.device
         running = model.kv_caches()
         idx, valid = pad([job.ids for job in jobs], pad_id=0, padding_side="left")  # (N, L)
         N, L = idx.shape
         mask = position_ids = None
         if not valid.all():
-            mask, position_ids = left_padding(valid.to(device))
+            mask, position_ids = left_padding(valid.to(device))  # (N, 1, L, L), (N, L)
         model.setup_kv_cache(N, L, device=device)
-        h = model.hidden_states(idx.to(device), torch.arange(L, device=device), mask, position_ids, kv_len=L)
+        n = 0  # slots [0, n) hold the prefix's tokens (those of row r from slot pads[r]), copied in
+        if prefix is not None and all(job.ids[:len(prefix.ids)] == prefix.ids for job in jobs):
+            n = min(len(prefix.ids), L - 1)  # the last token is always computed: its hidden state is needed
+            pads = (L - valid.sum(dim=1)).tolist()
+            for cache, kv in zip(model.kv_caches(), prefix.kv):
+                for name, t in zip(("k", "v"), kv):  # t: (1, H_kv, len(prefix.ids), D)
+                    for r, p in enumerate(pads):
+                        if p < n:
+                            getattr(cache, name)[r, :, p:n] = t[0, :, : n - p]
+            idx = idx[:, n:]
+            mask = None if mask is None else mask[:, :, n:]  # (N, 1, L - n, L)
+            position_ids = None if position_ids is None else position_ids[:, n:]
+        h = model.hidden_states(idx.to(device), torch.arange(n, L, device=device), mask, position_ids, kv_len=L)
         self._rebuild(list(range(len(self.jobs))), running, jobs, model.kv_caches(), h[:, -1])
 
     def keep(self, rows: list[int]):
@@ -204,6 +235,7 @@ class Engine:
         self.step_delay = step_delay  # seconds added to each decode step: for tests of slow batches only
         self.device = model.lm_head.weight.device
         self.context = model.config.block_size
+        self.prefix = Prefix(model, tokenizer)  # the template's start, prefilled once for every request
         self.queue = collections.deque()  # jobs waiting to join, oldest first; only the decoding thread takes
         self.arrived = threading.Condition()
         self.active = 0  # rows decoding now
@@ -255,7 +287,7 @@ class Engine:
                 if taken:
                     for job in taken:
                         job.generator = torch.Generator(device=self.device).manual_seed(job.seed)
-                    rows.join(taken)
+                    rows.join(taken, self.prefix)
                     taken = []
                 if not rows.jobs:
                     return

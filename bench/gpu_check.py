@@ -537,8 +537,12 @@ class _Direct:
 
 
 class _NoText:
-    """A tokenizer for ids only: no EOS, no text (rows run to their length, as throughput needs)."""
+    """A tokenizer for ids only: no EOS, no text (rows run to their length, as throughput needs), no template."""
     eos_id = -1
+
+    @staticmethod
+    def encode(text):
+        return []
 
     @staticmethod
     def decode(ids):

@@ -217,16 +217,20 @@ def test_rows_joining_and_leaving_at_different_steps_each_equal_their_solo_decod
     heads = {"base": Spy(model.lm_head), "alpha": Spy(ha.load_head(prompter / "alpha.safetensors", model, fp, stage1))}
     engine = serve.Engine(model, tokenizer, heads, max_batch=2)
     # (prompt, head, max_tokens, temperature, seed): two rows at a time, so each finish lets the next join
-    # at a step of its own, with a prompt shorter or longer than the rows it joins
-    specs = [(PROMPTS[5], "alpha", 9, 0.0, None), (PROMPTS[0], "base", 3, 0.0, None),
-             (PROMPTS[3] * 3, "alpha", 12, 0.0, None), (PROMPTS[4], "base", 5, 0.9, 11),
+    # at a step of its own, with a prompt shorter or longer than the rows it joins; the first two start
+    # together, one left-padded by 2 (so its copy of the template's prefix starts at slot 2)
+    specs = [(PROMPTS[5], "alpha", 9, 0.0, None), (PROMPTS[4], "base", 3, 0.0, None),
+             (PROMPTS[3] * 3, "alpha", 12, 0.0, None), (PROMPTS[0], "base", 5, 0.9, 11),
              (PROMPTS[1], "alpha", 7, 0.0, None)]
     make = lambda: [serve.Job(tokenizer.encode(format_prompt(p)), m, n, t, None, seed, loop=Direct())  # noqa: E731
                     for p, m, n, t, seed in specs]
+    prefix, engine.prefix = engine.prefix, None  # alone, each prompt prefilled whole; together, from the prefix
+    assert len(prefix.ids) >= 5  # the template's start, "System: Fix the following prompt. Prompt:"
     solo = []
     for job in make():
         engine.decode([job])
         solo.append(job.out)
+    engine.prefix = prefix
     solo_rows = torch.cat([row for spy in heads.values() for row in spy.rows])  # (every step of every job, C)
     for spy in heads.values():
         spy.rows.clear()
