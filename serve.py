@@ -182,8 +182,13 @@ class Rows:
             idx = idx[:, n:]
             mask = None if mask is None else mask[:, :, n:]  # (N, 1, L - n, L)
             position_ids = None if position_ids is None else position_ids[:, n:]
-        h = model.hidden_states(idx.to(device), torch.arange(n, L, device=device), mask, position_ids, kv_len=L)
-        self._rebuild(list(range(len(self.jobs))), running, jobs, model.kv_caches(), h[:, -1])
+        try:
+            h = model.hidden_states(idx.to(device), torch.arange(n, L, device=device), mask, position_ids,
+                                    kv_len=L)
+            self._rebuild(list(range(len(self.jobs))), running, jobs, model.kv_caches(), h[:, -1])
+        except Exception:
+            model.set_kv_caches(running)  # the rows go on as they were
+            raise
 
     def keep(self, rows: list[int]):
         """Only these rows go on (the others finished, or their clients left)."""
@@ -191,17 +196,19 @@ class Rows:
 
     def _rebuild(self, rows, running, jobs=(), prefilled=None, h=None):
         """A cache holding the kept rows (the last m slots, which hold all their tokens) and then the joining
-        ones (their prefilled L slots), every row ending at the new P; as long as the rows still need."""
+        ones (their prefilled L slots), every row ending at the new P; as long as the rows still need. The
+        rows change only once it is built: a failure (out of memory) leaves them as they were."""
+        kept = [self.jobs[r] for r in rows] + list(jobs)
         lengths = [self.lengths[r] for r in rows] + [len(job.ids) for job in jobs]
-        self.jobs, self.lengths = [self.jobs[r] for r in rows] + list(jobs), lengths
-        if not self.jobs:
+        if not kept:
             self.model.clear_kv_cache()
-            self.P, self.h = 0, None
+            self.jobs, self.lengths, self.P, self.h = [], [], 0, None
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         m, L = max(lengths[: len(rows)], default=0), max(lengths[len(rows):], default=0)
         P = max(m, L)
-        self.model.setup_kv_cache(len(self.jobs), self.span(), device=self.device)
+        span = P + max(job.max_tokens - len(job.out) for job in kept)
+        self.model.setup_kv_cache(len(kept), span, device=self.device)
         for cache, old, new in zip(self.model.kv_caches(), running, prefilled or [None] * len(running)):
             for name in ("k", "v"):
                 slots = getattr(cache, name)  # (B, H_kv, S, D)
@@ -210,7 +217,7 @@ class Rows:
                 if jobs:
                     slots[len(rows):, :, P - L: P] = getattr(new, name)  # (N, H_kv, L, D)
         self.h = torch.cat(([self.h.index_select(0, index)] if rows else []) + ([h] if jobs else []))
-        self.P = P
+        self.jobs, self.lengths, self.P = kept, lengths, P
         lengths = torch.tensor(lengths, device=self.device)
         self.start, self.positions = P - lengths, lengths[:, None]
 
@@ -262,6 +269,11 @@ class Engine:
         """The jobs at the front of `jobs` (taken from it) that join the rows now: in arrival order, while
         there is a free row and the cache's span stays within the context. The first that does not fit
         waits for rows to finish, and those behind it wait too, so that none waits forever."""
+        with self.arrived:  # jobs whose clients left stop counting against --max-queue (submit holds this lock)
+            if any(job.cancelled.is_set() for job in jobs):
+                live = [job for job in jobs if not job.cancelled.is_set()]
+                jobs.clear()
+                jobs.extend(live)
         taken = []
         while jobs and len(rows.jobs) + len(taken) < self.max_batch:
             job = jobs[0]
@@ -287,7 +299,12 @@ class Engine:
                 if taken:
                     for job in taken:
                         job.generator = torch.Generator(device=self.device).manual_seed(job.seed)
-                    rows.join(taken, self.prefix)
+                    try:
+                        rows.join(taken, self.prefix)
+                    except Exception as e:  # noqa: BLE001 (say, out of memory: only these jobs fail)
+                        print(f"serve.py: a prefill failed: {type(e).__name__}: {e}", file=sys.stderr)
+                        for job in taken:
+                            job.emit("error", f"{type(e).__name__}: {e}")
                     taken = []
                 if not rows.jobs:
                     return
@@ -308,7 +325,7 @@ class Engine:
                     self.steps.append(len(going))
                     rows.step(token)
         except Exception as e:
-            for job in rows.jobs + taken:
+            for job in dict.fromkeys(rows.jobs + taken):
                 if job.finish is None:
                     job.emit("error", f"{type(e).__name__}: {e}")
             raise

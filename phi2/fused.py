@@ -43,7 +43,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if x.is_cpu and x.dtype == self.weight.dtype and self.bias is not None:
+        if x.is_cpu and x.dtype == self.weight.dtype and self.bias is not None and x.shape[-1] == self.in_features:
             half = x.dtype in (torch.bfloat16, torch.float16)
             if half and rows == 1:
                 return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)

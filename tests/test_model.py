@@ -253,6 +253,8 @@ def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
         ref.backward(g.double())
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert y.shape == ref.shape == (1, rows, out_features) and y.is_contiguous()  # the next layer's fast layout
+        with pytest.raises(RuntimeError):  # a wrong width is an error, as in F.linear, not a reshaped product
+            layer(torch.randn(rows, 2 * in_features, dtype=dtype))
         for ours, theirs in ((y, ref), (x.grad, ref_x.grad), (layer.weight.grad, ref_w.grad),
                              (layer.bias.grad, ref_b.grad)):
             assert torch.allclose(ours.double(), theirs, rtol=tol, atol=tol * theirs.abs().max().item())

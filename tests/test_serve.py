@@ -251,6 +251,50 @@ def test_rows_joining_and_leaving_at_different_steps_each_equal_their_solo_decod
     assert distance.min(dim=1).values.max() < 1e-4
 
 
+def test_a_prefill_that_fails_fails_only_its_own_job(prompter, monkeypatch):
+    model, tokenizer, _, _ = ha.load_prompter(None, prompter / "lora", torch.float32)
+    engine = serve.Engine(model, tokenizer, {"base": None}, max_batch=2)
+    make = lambda p, n: serve.Job(tokenizer.encode(format_prompt(p)), "base", n, loop=Direct())  # noqa: E731
+    alone = make(PROMPTS[0], 8)
+    engine.decode([alone])
+    prefills, hidden_states = [], model.hidden_states
+
+    def failing(idx, *args, **kwargs):  # the second prefill (the third job's) runs out of memory
+        if idx.size(1) > 1:
+            prefills.append(idx.size(0))
+            if len(prefills) == 2:
+                raise RuntimeError("out of memory (simulated)")
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing)
+    first, short, late = make(PROMPTS[0], 8), make(PROMPTS[1], 2), make(PROMPTS[2], 4)
+    engine.decode([first, short, late])  # first and short start together; late takes short's row, and fails
+    assert prefills == [2, 1] and first.out == alone.out and len(short.out) == 2 and late.out == []
+    events = []
+    while not late.events.empty():
+        events.append(late.events.get_nowait())
+    assert events == [("error", "RuntimeError: out of memory (simulated)")]
+
+
+def test_a_waiting_job_whose_client_left_stops_counting_against_the_queue(prompter):
+    model, tokenizer, _, _ = ha.load_prompter(None, prompter / "lora", torch.float32)
+    engine = serve.Engine(model, tokenizer, {"base": None}, max_batch=1, step_delay=0.02)
+    make = lambda n: serve.Job(tokenizer.encode(format_prompt(PROMPTS[0])), "base", n, loop=Direct())  # noqa: E731
+    running, waiting = make(24), make(4)
+    engine.submit([running, waiting])
+    for _ in range(300):
+        if engine.active:
+            break
+        time.sleep(0.01)
+    assert len(engine.queue) == 1  # one row at most: the second waits
+    waiting.cancelled.set()
+    for _ in range(100):
+        if not engine.queue:
+            break
+        time.sleep(0.01)
+    assert not engine.queue and engine.active == 1  # dropped at the next step, while the first still decodes
+
+
 def test_a_request_arriving_mid_decode_joins_at_the_next_step_and_equals_its_solo_reply(prompter, monkeypatch):
     server, url = launch(prompter, monkeypatch, step_delay=0.05)
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
