@@ -169,25 +169,25 @@ class Rows:
         mask = position_ids = None
         if not valid.all():
             mask, position_ids = left_padding(valid.to(device))  # (N, 1, L, L), (N, L)
-        model.setup_kv_cache(N, L, device=device)
-        n = 0  # slots [0, n) hold the prefix's tokens (those of row r from slot pads[r]), copied in
-        if prefix is not None and all(job.ids[:len(prefix.ids)] == prefix.ids for job in jobs):
-            n = min(len(prefix.ids), L - 1)  # the last token is always computed: its hidden state is needed
-            pads = (L - valid.sum(dim=1)).tolist()
-            for cache, kv in zip(model.kv_caches(), prefix.kv):
-                for name, t in zip(("k", "v"), kv):  # t: (1, H_kv, len(prefix.ids), D)
-                    for r, p in enumerate(pads):
-                        if p < n:
-                            getattr(cache, name)[r, :, p:n] = t[0, :, : n - p]
-            idx = idx[:, n:]
-            mask = None if mask is None else mask[:, :, n:]  # (N, 1, L - n, L)
-            position_ids = None if position_ids is None else position_ids[:, n:]
         try:
+            model.setup_kv_cache(N, L, device=device)
+            n = 0  # slots [0, n) hold the prefix's tokens (those of row r from slot pads[r]), copied in
+            if prefix is not None and all(job.ids[:len(prefix.ids)] == prefix.ids for job in jobs):
+                n = min(len(prefix.ids), L - 1)  # the last token is always computed: its hidden state is needed
+                pads = (L - valid.sum(dim=1)).tolist()
+                for cache, kv in zip(model.kv_caches(), prefix.kv):
+                    for name, t in zip(("k", "v"), kv):  # t: (1, H_kv, len(prefix.ids), D)
+                        for r, p in enumerate(pads):
+                            if p < n:
+                                getattr(cache, name)[r, :, p:n] = t[0, :, : n - p]
+                idx = idx[:, n:]
+                mask = None if mask is None else mask[:, :, n:]  # (N, 1, L - n, L)
+                position_ids = None if position_ids is None else position_ids[:, n:]
             h = model.hidden_states(idx.to(device), torch.arange(n, L, device=device), mask, position_ids,
                                     kv_len=L)
             self._rebuild(list(range(len(self.jobs))), running, jobs, model.kv_caches(), h[:, -1])
         except Exception:
-            model.set_kv_caches(running)  # the rows go on as they were
+            model.set_kv_caches(running)  # the rows go on as they were (a failure here is, say, out of memory)
             raise
 
     def keep(self, rows: list[int]):
