@@ -40,7 +40,7 @@ import cli
 import hardware
 from head_adapter import load_head, load_prompter
 from phi2.errors import UsageError
-from phi2.generation import left_padding, releasable, sample
+from phi2.generation import left_padding, next_text, sample
 from phi2.tokenizer import pad
 from prompts import format_prompt
 
@@ -353,19 +353,7 @@ class Engine:
 
     def advance(self, job: Job, t: int):
         """Take token t as the job's next token: release what of its text is final, or finish it."""
-        tokenizer = self.tokenizer
-        stopped = False
-        if t == tokenizer.eos_id:
-            job.finish = "eos"
-            text = tokenizer.decode(job.out)
-        else:
-            job.out.append(t)
-            text, stopped = releasable(tokenizer.decode(job.out), job.stop)
-            if stopped:
-                job.finish = "stop"
-            elif len(job.out) >= job.max_tokens:
-                job.finish = "length"
-                text = tokenizer.decode(job.out)
+        text, job.finish = next_text(job.out, t, self.tokenizer.eos_id, self.tokenizer, job.stop, job.max_tokens)
         # the reply is the stripped text: leading spaces are never sent, trailing ones wait for what follows
         # (and are dropped at the end), so the pieces sent always join to a prefix of the final reply
         final = text.strip()

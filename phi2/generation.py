@@ -103,7 +103,7 @@ class _Row:
         self.ids, self.text, self.released, self.finish = [], "", 0, None
 
 
-def releasable(text, stop_strings):
+def _releasable(text, stop_strings):
     """(text up to any stop string, whether one was found), holding back a possible partial stop string
     and an incomplete UTF-8 character at the end."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
@@ -114,6 +114,22 @@ def releasable(text, stop_strings):
     while end > 0 and text[end - 1] == "\ufffd":  # a multi-byte character whose last bytes are to come
         end -= 1
     return text[:end], False
+
+
+def next_text(ids, token, eos_id, tokenizer, stop_strings, max_new_tokens) -> tuple[str, str | None]:
+    """Take token as the next of a row's generated ids (appended unless it is eos_id): (the row's text that is
+    final so far, and "eos", "stop" or "length" if the row has ended, else None). An ended row's text is
+    whole; a growing row's holds back a possible partial stop string and an incomplete character."""
+    finish = "eos" if token == eos_id else None
+    if finish is None:
+        ids.append(token)
+    whole = tokenizer.decode(ids)
+    text, stopped = _releasable(whole, stop_strings)
+    if stopped:
+        return text, "stop"
+    if finish is None and len(ids) >= max_new_tokens:
+        finish = "length"
+    return (whole, finish) if finish else (text, None)
 
 
 @torch.inference_mode()
@@ -226,14 +242,7 @@ def _decode_text(step, token, max_new_tokens, eos_id, tokenizer, stop_strings, c
         for row, tok in zip(rows, token.tolist()):
             if row.finish:
                 continue  # finished rows still ride along in the batch; their tokens are dropped
-            if tok == eos_id:
-                row.finish = "eos"
-            else:
-                row.ids.append(tok)
-            row.text, stopped = releasable(tokenizer.decode(row.ids), stop_strings)
-            row.finish = "stop" if stopped else row.finish
-            if not row.finish and i == max_new_tokens - 1:
-                row.finish = "length"
+            row.text, row.finish = next_text(row.ids, tok, eos_id, tokenizer, stop_strings, max_new_tokens)
         if callback:
             _stream(rows, callback)
         if all(row.finish for row in rows):

@@ -114,6 +114,18 @@ def test_stop_strings_cut_and_are_never_streamed(tiny_with_tokenizer):
     assert "".join(pieces) == cut.text
 
 
+def test_a_row_that_ends_keeps_text_a_stop_string_might_have_begun(tiny_with_tokenizer):
+    model, tok = tiny_with_tokenizer
+    prompt = tok.encode("Rewrite this so that it is")
+    full = generate(model, [prompt], 40, tokenizer=tok)[0]
+    assert full.finish == "length"
+    stop = full.text[-1] + "\x00never"  # begins as the text ends, never completes: held back only while it grows
+    pieces = []
+    held = generate(model, [prompt], 40, tokenizer=tok, stop_strings=[stop],
+                    callback=lambda row, text: pieces.append(text))[0]
+    assert held.finish == "length" and held.text == full.text and "".join(pieces) == full.text
+
+
 def test_streaming_gives_the_final_text(tiny_with_tokenizer):
     model, tok = tiny_with_tokenizer
     prompts = [tok.encode("Rewrite the plan"), tok.encode("Rewrite that so that it is clear")]
