@@ -152,11 +152,8 @@ class Rows:
         self.start = self.positions = None  # (B,) each row's first slot; (B, 1) its next rotary position
 
     def span(self, joining=()) -> int:
-        """The cache slots the rows, and `joining` were they to join, need to finish: the longest row so far
-        plus the most tokens any may still make."""
-        jobs = self.jobs + list(joining)
-        longest = max(self.lengths + [len(job.ids) for job in joining], default=0)
-        return longest + max((job.max_tokens - len(job.out) for job in jobs), default=0)
+        """The cache slots the rows, and `joining` were they to join, need to finish."""
+        return _span(self.lengths + [len(job.ids) for job in joining], self.jobs + list(joining))
 
     def join(self, jobs: list[Job], prefix=None):
         """Prefill the jobs' prompts together and make them the last rows. With `prefix` (ids every prompt
@@ -207,8 +204,7 @@ class Rows:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         m, L = max(lengths[: len(rows)], default=0), max(lengths[len(rows):], default=0)
         P = max(m, L)
-        span = P + max(job.max_tokens - len(job.out) for job in kept)
-        self.model.setup_kv_cache(len(kept), span, device=self.device)
+        self.model.setup_kv_cache(len(kept), _span(lengths, kept), device=self.device)
         for cache, old, new in zip(self.model.kv_caches(), running, prefilled or [None] * len(running)):
             for name in ("k", "v"):
                 slots = getattr(cache, name)  # (B, H_kv, S, D)
@@ -230,6 +226,12 @@ class Rows:
         pos = torch.arange(P, P + 1, device=self.device)
         self.h = self.model.hidden_states(tokens[:, None], pos, mask, self.positions, kv_len=P + 1)[:, -1]
         self.P, self.lengths, self.positions = P + 1, [n + 1 for n in self.lengths], self.positions + 1
+
+
+def _span(lengths, jobs) -> int:
+    """Cache slots for rows of these lengths to finish their jobs: the longest row plus the most tokens any
+    job may still make."""
+    return max(lengths, default=0) + max((job.max_tokens - len(job.out) for job in jobs), default=0)
 
 
 class Engine:
