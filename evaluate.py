@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import cli
-from llm import DEFAULT_CACHE, LLM, Pool, RequestFailed, add_request_args, request_settings
+from head_adapter import content_id, stage1_id
 from phi2.errors import UsageError
 from phi2.files import write_atomic
 from prompts import read_records
+from support import cli, hardware
+from support.llm import DEFAULT_CACHE, LLM, Pool, RequestFailed, add_request_args, request_settings
+from support.prompter import Prompter, add_args
 
 JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
 JUDGE_PROMPT = """\
@@ -114,12 +116,10 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--rewrites", help="rewrites from this file (fields instruction/input/prompt and "
                    "rewrite/output/improved) instead of the prompter")
     p.add_argument("--reference", help="AlpacaEval model_outputs.json: judge each answer against its reference")
-    p.add_argument("--lora", help="the prompter's stage-1 adapter folder")
-    p.add_argument("--head", help="the prompter's head for this target")
-    p.add_argument("--model", help="the prompter's base folder (default: the adapter's)")
+    add_args(p, heads="one")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=d.max_new_tokens, help="longest rewrite")
     p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="rewrites decoded together")
-    cli.add_hardware_args(p)
+    cli.add_hardware_args(p, d)
     p.add_argument("--max-tokens", type=cli.positive_int, default=d.max_tokens, help="the target's longest answer")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="the target's sampling")
     p.add_argument("--judge-max-tokens", type=cli.positive_int, default=d.judge_max_tokens,
@@ -193,29 +193,50 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
 
 
 def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str, str]:
-    """Greedy rewrites by the prompter, through generate.py (which resumes its --out after a stop); the
-    file is named by what makes the rewrites, so that another adapter or head never reuses them."""
-    import generate
-    from head_adapter import content_id, stage1_id
-
+    """Greedy rewrites by the prompter (the head for this target), appended to out/rewrites-<id>.jsonl as they
+    come, so that a rerun makes only those missing; the file is named by what makes the rewrites, so that
+    another adapter or head never reuses them. An instruction too long for the prompter's context gets none:
+    the original is used, and counted as an empty rewrite."""
     texts = sorted({item.instruction for item in items})
     made_by = [cfg.model, cfg.lora, cfg.head, cfg.max_new_tokens, texts]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
                            (Path(cfg.head or ""), content_id)):
-        try:  # their contents, not their bytes; generate.py below names what is wrong with a bad file
+        try:  # their contents, not their bytes; loading them below names what is wrong with a bad file
             made_by.append(identity(path) if path.is_file() else None)
         except Exception:  # noqa: BLE001
             made_by.append(None)
     name = hashlib.sha256(json.dumps(made_by, default=str).encode()).hexdigest()[:12]
     path = out / f"rewrites-{name}.jsonl"
-    if path.exists():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    else:
-        records = generate.main(generate.GenerateConfig(
-            prompts=texts, model=cfg.model, lora=cfg.lora, heads=[cfg.head] if cfg.head else [],
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=cfg.device,
-            precision=cfg.precision, json=True, out=str(path)))
-    return {r["input"]: r["output"] for r in records}
+    done = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+            done[record["input"]] = record["output"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a stop: rewritten again
+    todo = [t for t in texts if t not in done]
+    if not todo:
+        return done
+    hw = hardware.resolve(cfg.device, cfg.precision)
+    prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
+    target = prompter.targets[0] if prompter.targets else None
+    context = prompter.model.config.block_size
+    fits = [t for t in todo if len(prompter.encode(t)) < context]
+    for text in set(todo) - set(fits):
+        done[text] = ""
+    if len(fits) < len(todo):
+        print(f"{len(todo) - len(fits)} instructions are longer than the prompter's context of {context} tokens: "
+              "their originals are used (counted as empty rewrites)", file=sys.stderr)
+    fits.sort(key=lambda t: len(prompter.encode(t)))  # less padding
+    with open(path, "a", encoding="utf-8") as sink, tqdm(total=len(fits), unit="rewrite", file=sys.stderr) as bar:
+        for start in range(0, len(fits), cfg.batch_size):
+            batch = fits[start:start + cfg.batch_size]
+            for text, rewrite in zip(batch, prompter.rewrite(batch, target, cfg.max_new_tokens)):
+                sink.write(json.dumps({"input": text, "output": rewrite}, ensure_ascii=False) + "\n")
+                done[text] = rewrite
+            sink.flush()
+            bar.update(len(batch))
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- judging

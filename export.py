@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-import cli
-from head_adapter import base_folder, content_id, load_head, load_prompter
+from head_adapter import content_id
 from phi2.errors import UsageError
 from phi2.weights import hf_to_ours, save_hf_tensors
+from support import cli
+from support.prompter import Prompter, add_args, base_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "generation_config.json")
@@ -46,14 +47,13 @@ class ExportConfig:
 
 def parse_args(argv=None) -> ExportConfig:
     p = cli.parser(__doc__)
+    d = ExportConfig(out="")
     p.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --overwrite)")
-    p.add_argument("--lora", help="stage-1 LoRA adapter folder, e.g. runs/sft/best")
-    p.add_argument("--head", help="a stage-2 head file, folded into the LM head")
+    add_args(p, heads="one")
     p.add_argument("--no-head", action="store_true", help="export stage 1 alone (the base LM head)")
-    p.add_argument("--model", help="base checkpoint folder (default: the --lora adapter's base)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default=d.dtype,
                    help="of the written weights; auto: the base checkpoint's (fp16 for microsoft/phi-2)")
-    p.add_argument("--shard-gb", type=cli.positive_float, default=5.0, help="largest safetensors shard, in GB")
+    p.add_argument("--shard-gb", type=cli.positive_float, default=d.shard_gb, help="largest safetensors shard, in GB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cfg = ExportConfig(**vars(p.parse_args(argv)))
     if bool(cfg.head) == cfg.no_head:
@@ -92,12 +92,13 @@ def main(cfg: ExportConfig) -> Path:
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else stored
 
     # fp32 throughout, as generate.py's fp32 path: the merge is the same arithmetic
-    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, torch.float32)
+    prompter = Prompter.load(cfg.model, cfg.lora, dtype=torch.float32)
+    model, tokenizer = prompter.model, prompter.tokenizer
     params = model.state_dict()
     tensors = {hf: params[ours].to(dtype) for hf, ours in hf_to_ours(model.config.n_layer).items()}
     target = None
     if cfg.head:
-        head = load_head(cfg.head, model, base_fingerprint, stage1, dtype=torch.float32)
+        head = prompter.add_head(cfg.head, dtype=torch.float32)
         weight, bias = fold_head(head)
         tensors["lm_head.weight"], tensors["lm_head.bias"] = weight.to(dtype), bias.to(dtype)
         target = head.target
@@ -117,7 +118,7 @@ def main(cfg: ExportConfig) -> Path:
     for name in TOKENIZER_FILES:
         if (folder / name).exists():
             shutil.copyfile(folder / name, tmp / name)
-    (tmp / "README.md").write_text(readme(cfg, folder, base_fingerprint, stage1, target, dtype))
+    (tmp / "README.md").write_text(readme(cfg, folder, prompter.base_fingerprint, prompter.stage1, target, dtype))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

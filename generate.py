@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import cli
-import hardware
-from head_adapter import load_head, load_prompter
+from head_adapter import content_id, stage1_id
 from phi2.errors import UsageError
 from phi2.files import write_atomic
-from phi2.generation import compile_stats, generate
-from prompts import format_prompt, read_prompts
+from phi2.generation import compiled
+from prompts import read_prompts
+from support import cli, hardware
+from support.prompter import Prompter, add_args
 
 WINDOW = 8  # batches per window: prompts are sorted by length within a window, results leave in order
 
@@ -53,23 +53,21 @@ class GenerateConfig:
 
 
 def parse_args(argv=None) -> GenerateConfig:
+    d = GenerateConfig()
     p = cli.parser(__doc__)
     p.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
     p.add_argument("--file", help=".txt (one prompt per line), or .jsonl/.json/.csv records")
-    p.add_argument("--field", default="prompt", help="the prompt's field in --file records")
-    p.add_argument("--model", help="base checkpoint folder (default: the --lora adapter's base, else "
-                   "checkpoints/phi-2)")
-    p.add_argument("--lora", help="stage-1 LoRA adapter folder, e.g. runs/sft/best")
-    p.add_argument("--head", dest="heads", action="append", default=[],
-                   help="a stage-2 head file (repeatable: one rewrite per head)")
+    p.add_argument("--field", default=d.field, help="the prompt's field in --file records")
+    add_args(p, heads="many")
     p.add_argument("--raw", action="store_true", help="no template: continue the text as it is")
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=cli.nonnegative_float, default=0.0, help="0 is greedy")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=d.max_new_tokens,
+                   help="tokens to generate at most")
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="0 is greedy")
     p.add_argument("--top-k", type=cli.positive_int, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=cli.probability, help="sample among the likeliest tokens holding this mass")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts decoded together")
-    cli.add_hardware_args(p)
+    p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="prompts decoded together")
+    cli.add_hardware_args(p, d)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--out", help="write results to this file (resumes from FILE.partial)")
@@ -100,27 +98,18 @@ def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
     return prompts
 
 
-def load(cfg: GenerateConfig):
-    """The model (with the stage-1 adapter merged), its tokenizer, and [(target, head)] to generate with."""
-    hw = hardware.resolve(cfg.device, cfg.precision)
-    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, hw.dtype, hw.device)
-    heads = [(h.target, h) for h in (load_head(f, model, base_fingerprint, stage1) for f in cfg.heads)]
-    names = [target for target, _ in heads]
-    if len(set(names)) < len(names):
-        raise UsageError(f"two heads are for the same target ({', '.join(names)}); give one head per target")
-    print(hw.describe(), file=sys.stderr)
-    return model, tokenizer, heads or [(None, None)]
-
-
 def main(cfg: GenerateConfig) -> list[dict]:
     prompts = collect_prompts(cfg)
-    model, tokenizer, heads = load(cfg)
-    context = model.config.block_size
+    hw = hardware.resolve(cfg.device, cfg.precision)
+    prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
+    print(hw.describe(), file=sys.stderr)
+    context = prompter.model.config.block_size
+    decode = compiled() if cfg.compile else None  # compiled once: every batch reuses its graphs
 
     # tokenize, and set aside what cannot fit
     todo = []  # (index, prompt ids)
     for i, (source, prompt) in enumerate(prompts):
-        ids = tokenizer.encode(prompt if cfg.raw else format_prompt(prompt))
+        ids = prompter.encode(prompt, cfg.raw)
         if len(ids) >= context:
             _warn(f"{source}: {len(ids)} tokens fill the context of {context}; skipped (shorten the prompt)")
             continue
@@ -129,10 +118,10 @@ def main(cfg: GenerateConfig) -> list[dict]:
         todo.append((i, ids))
 
     partial = Path(cfg.out + ".partial") if cfg.out else None
-    records = _resume(partial, prompts, heads, settings(cfg)) if partial else {}  # (index, target) -> record
-    targets = [target for target, _ in heads]
+    targets = prompter.targets or [None]
+    records = _resume(partial, prompts, targets, settings(cfg)) if partial else {}  # (index, target) -> record
     todo = [(i, ids) for i, ids in todo if any((i, t) not in records for t in targets)]
-    stream = len(prompts) == 1 and len(heads) == 1 and not cfg.json and not cfg.out
+    stream = len(prompts) == 1 and len(targets) == 1 and not cfg.json and not cfg.out
     bar = tqdm(total=len(todo), unit="prompt", disable=stream or len(prompts) == 1, file=sys.stderr)
     sink = open(partial, "a", encoding="utf-8") if partial else None
 
@@ -142,12 +131,12 @@ def main(cfg: GenerateConfig) -> list[dict]:
             chunk = sorted(todo[start:start + window], key=lambda item: len(item[1]))  # less padding
             for b in range(0, len(chunk), cfg.batch_size):
                 batch = chunk[b:b + cfg.batch_size]
-                for target, head in heads:  # the same prompts, once per target's head
+                for target in targets:  # the same prompts, once per target's head
                     t = time.perf_counter()
-                    out = generate(model, [ids for _, ids in batch], cfg.max_new_tokens,
-                                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
-                                   eos_id=tokenizer.eos_id, tokenizer=tokenizer, stop_strings=cfg.stop,
-                                   callback=_printer(cfg.raw) if stream else None, head=head, compile=cfg.compile)
+                    out = prompter.complete([ids for _, ids in batch], target, cfg.max_new_tokens,
+                                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                            seed=seeds(cfg.seed, batch), stop_strings=cfg.stop, decode=decode,
+                                            callback=_printer(cfg.raw) if stream else None)
                     seconds = time.perf_counter() - t
                     new_tokens = sum(len(c.ids) for c in out)
                     for (i, ids), c in zip(batch, out):
@@ -170,8 +159,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
         if sink:
             sink.close()
 
-    if cfg.compile:
-        print(f"compiling the decode step took {compile_stats['seconds']:.1f} s ({compile_stats['graphs']} "
+    if decode:
+        print(f"compiling the decode step took {decode.stats['seconds']:.1f} s ({decode.stats['graphs']} "
               "graphs: one per batch size and cache length bucket)", file=sys.stderr)
     indices = sorted({i for i, _ in records})
     if cfg.out:
@@ -184,22 +173,26 @@ def main(cfg: GenerateConfig) -> list[dict]:
     return [records[i, t] for i in indices for t in targets]
 
 
+def seeds(seed, batch) -> list[int] | None:
+    """Each prompt's sampling seed, from its place in the input: the same whatever batch it falls in."""
+    return None if seed is None else [seed + i for i, _ in batch]
+
+
 def settings(cfg: GenerateConfig) -> dict:
     """What decides the results, with the adapter's and heads' contents: a resume under others is refused."""
-    from head_adapter import content_id, stage1_id
     keys = ("model", "raw", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "precision")
     return {**{k: getattr(cfg, k) for k in keys}, "lora": stage1_id(cfg.lora),
             "heads": sorted(content_id(h) for h in cfg.heads)}
 
 
-def _resume(partial: Path, prompts, heads, made_with: dict) -> dict:
+def _resume(partial: Path, prompts, targets, made_with: dict) -> dict:
     """Results already in FILE.partial from a stopped run, keyed by (prompt index, target); the file's first
     line holds the settings they were made with."""
     if not partial.exists() or not partial.stat().st_size:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": made_with}) + "\n")
         return {}
-    done, targets = {}, {target for target, _ in heads}
+    done, targets = {}, set(targets)
     for n, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
         try:
             record = json.loads(line)

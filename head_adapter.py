@@ -24,13 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora
-import phi2
 from lora import LoRALinear
 from phi2.errors import UsageError
 from phi2.files import atomic_path
 from phi2.fused import Linear, linear_cross_entropy
 from phi2.model import Phi2
-from phi2.weights import fingerprint, legacy_fingerprint
 
 FORMAT = "phi2-prompter head adapter v1"
 
@@ -127,14 +125,16 @@ def read_metadata(path) -> dict:
     return metadata
 
 
-def load_head(path, model: Phi2, base_fingerprint: str, stage1: str, dtype=None) -> HeadAdapter:
-    """A head from its file, checked against the base it goes on (fingerprint taken before any LoRA merge)
-    and the stage-1 adapter in use; in dtype (default: the model's)."""
+def load_head(path, model: Phi2, base_fingerprints, stage1: str, dtype=None) -> HeadAdapter:
+    """A head from its file, checked against the base it goes on (base_fingerprints: the base's fingerprint,
+    taken before any LoRA merge, or several that it answers to) and the stage-1 adapter in use; in dtype
+    (default: the model's)."""
     path = Path(path)
     metadata = read_metadata(path)
-    if metadata["base_fingerprint"] not in (base_fingerprint, getattr(model, "legacy_fingerprint", None)):
+    accepted = (base_fingerprints,) if isinstance(base_fingerprints, str) else tuple(base_fingerprints)
+    if metadata["base_fingerprint"] not in accepted:
         raise HeadError(f"{path}: made for another base model (fingerprint {metadata['base_fingerprint']}, this "
-                        f"base is {base_fingerprint}); load the base it was trained on")
+                        f"base is {accepted[0]}); load the base it was trained on")
     if metadata["stage1_adapter"] != stage1:
         raise HeadError(f"{path}: trained on stage-1 adapter {metadata['stage1_adapter']}, but the one in use is "
                         f"{stage1}; pass the --lora it was trained with")
@@ -150,26 +150,3 @@ def load_head(path, model: Phi2, base_fingerprint: str, stage1: str, dtype=None)
     lora.copy_checked({key: params[key.removeprefix("head_adapter.")] for key in expected}, tensors, path, HeadError)
     head.target = metadata["target"]
     return head.requires_grad_(False).eval()
-
-
-def base_folder(model_dir, lora_dir) -> Path:
-    """--model; else the base named in the stage-1 adapter's config; else checkpoints/phi-2."""
-    if model_dir is None and lora_dir:
-        model_dir = lora.read_adapter_config(lora_dir).get("base_model_name_or_path")
-    folder = Path(model_dir or "checkpoints/phi-2")
-    if not (folder / "config.json").exists():
-        raise phi2.CheckpointError(f"{folder}: no Phi-2 checkpoint here; download it with `huggingface-cli download "
-                                   f"microsoft/phi-2 --local-dir {folder}`, or pass --model DIR")
-    return folder
-
-
-def load_prompter(model_dir, lora_dir, dtype, device="cpu"):
-    """The base with the stage-1 adapter merged in (frozen, eval mode), its tokenizer, the base's
-    fingerprint (taken before the merge) and the stage-1 adapter's identity: what heads are checked against."""
-    folder = base_folder(model_dir, lora_dir)
-    model = phi2.load_model(folder, dtype=dtype, device=device)
-    base_fingerprint = fingerprint(model)
-    model.legacy_fingerprint = legacy_fingerprint(model)  # what heads saved before 2026-12-03 recorded
-    if lora_dir:
-        lora.load_adapter(model, lora_dir, merge_weights=True)
-    return model.requires_grad_(False).eval(), phi2.load_tokenizer(folder), base_fingerprint, stage1_id(lora_dir)

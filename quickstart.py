@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-import cli
 import generate
-import hardware
 import phi2
 import train_head
 import train_sft
-from hardware import to_device
 from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, format_prompt, read_pairs, split_pairs
+from support import cli, hardware
+from support.hardware import to_device
 
 STYLES = ("concise", "structured")
 MARKER = ".quickstart"  # a folder holding this file is ours to replace

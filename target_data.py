@@ -20,11 +20,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import cli
-from llm import (DEFAULT_CACHE, LLM, MAX_RETRY_AFTER, Cache, LLMError, RequestFailed,  # noqa: F401
-                 add_request_args, concurrently, request_settings)
 from phi2.errors import UsageError
 from prompts import DEFAULT_DATA, read_prompts
+from support import cli
+from support.llm import (  # noqa: F401
+    DEFAULT_CACHE,
+    LLM,
+    MAX_RETRY_AFTER,
+    Cache,
+    LLMError,
+    RequestFailed,
+    add_request_args,
+    concurrently,
+    request_settings,
+)
 
 INSTRUCTION = ("You improve prompts for large language models. Rewrite the user's prompt so that a model will "
                "answer it well: make the task, the context, the constraints and the expected output explicit, "

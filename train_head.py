@@ -2,9 +2,9 @@
 `python train_head.py --target mistral --data mistral.jsonl --lora runs/sft/best --out mistral.safetensors`.
 
 The base and the stage-1 adapter (merged) are loaded, frozen and kept in eval mode; only the head adapter
-trains, on the target LLM's pairs, with stage 1's template, label masking and runs.py's loop (schedule,
-validation, atomic checkpoints, resume, log, progress bar). The frozen body's final hidden states never
-change, so the first epoch computes them once, for the answer positions only, and on the device; later
+trains, on the target LLM's pairs, with stage 1's template and label masking, in a loop like stage 1's.
+The frozen body's final hidden states never change, so the first epoch computes them once, for the answer
+positions only, and on the device; later
 epochs train the head on them alone (--no-cache recomputes them each time; tests/test_head_adapter.py
 shows both give the same head). --out is the best head by validation loss; --run-dir holds the run.
 """
@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-import cli
-import runs
-from hardware import to_device
-from head_adapter import HeadAdapter, load_prompter, save_head
+from head_adapter import HeadAdapter, save_head
 from phi2.model import answer_rows
 from prompts import IGNORE_INDEX, collate, read_pairs
+from support import cli, ddp, training
+from support.hardware import to_device
+from support.prompter import Prompter, add_args
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
-class HeadConfig(runs.RunConfig):
+class HeadConfig(training.RunConfig):
     target: str = ""  # the target LLM's name, recorded in the head file
     lora: str | None = None  # the stage-1 adapter folder (e.g. runs/sft/best), merged into the base
     model: str | None = None  # the base folder; default: the one the stage-1 adapter was trained on
@@ -42,8 +42,9 @@ class HeadConfig(runs.RunConfig):
 
     def __post_init__(self):
         if not TARGET_NAME.fullmatch(self.target):
-            raise runs.TrainingError(f"--target {self.target!r}: a target's name is letters, digits and . _ - "
-                                     "(it names files), e.g. mistral or gpt-4o")
+            raise training.TrainingError(f"--target {self.target!r}: a target's name is letters, digits and . _ - "
+                                         "(it names files), e.g. mistral or gpt-4o")
+        self.report_to = tuple(self.report_to)
         self.out = self.out or f"{self.target}.safetensors"
         self.run_dir = self.run_dir or f"runs/head-{self.target}"
 
@@ -51,37 +52,49 @@ class HeadConfig(runs.RunConfig):
 def parse_args(argv=None) -> HeadConfig:
     d = HeadConfig(target="x")
     p = cli.parser(__doc__)
-    p.add_argument("--target", required=True, help="the target LLM's name (mistral, gpt-4o, ...)")
-    p.add_argument("--data", required=True, help="pairs improved by the target LLM (.jsonl, .json, .csv)")
-    p.add_argument("--lora", help="stage-1 adapter folder, e.g. runs/sft/best")
-    p.add_argument("--model", help="base model folder (default: the stage-1 adapter's base)")
+    p.add_argument("--target", default="", help="the target LLM's name (mistral, gpt-4o, ...); required")
+    p.add_argument("--data", default="", help="pairs improved by the target LLM (.jsonl, .json, .csv); required")
+    add_args(p, heads=None)
     p.add_argument("--out", help="the best head's file (default: <target>.safetensors)")
-    p.add_argument("--run-dir", default="", help="state and log (default: runs/head-<target>)")
+    p.add_argument("--run-dir", default="", help="state, log and curves (default: runs/head-<target>)")
     p.add_argument("--head-rank", type=cli.positive_int, help="train a rank-r update of the head, not a full copy")
     p.add_argument("--no-cache", action="store_true", help="recompute the frozen body's outputs every step")
-    runs.add_run_args(p, d)
-    return HeadConfig(**vars(p.parse_args(argv)))
+    training.add_run_args(p, d)
+    args = p.parse_args(argv)
+    if not args.resume and not (args.target and args.data):
+        p.error("--target and --data are required (with --resume, --run-dir alone will do)")
+    if args.resume and not (args.run_dir or args.target):
+        p.error("--resume needs the run's --run-dir (or its --target, for runs/head-<target>)")
+    return training.parse_config(p, argv, HeadConfig)
 
 
 def main(cfg: HeadConfig) -> dict:
-    runs.check_output_kind(cfg.out, folder=False, flag="--out")
-    run = runs.Run(cfg, cfg.out)
+    training.check_output_kind(cfg.out, folder=False, flag="--out")
+    run = training.Run.open(cfg, cfg.out)
+    world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
-    model, tokenizer, base_fingerprint, stage1 = load_prompter(cfg.model, cfg.lora, run.hw.dtype, run.hw.device)
+    prompter = Prompter.load(cfg.model, cfg.lora, dtype=hw.dtype, device=hw.device)
+    model, tokenizer = prompter.model, prompter.tokenizer
     train, val = run.encode(tokenizer, pairs, model.config.block_size)
+    inputs = {"data": training.file_fingerprint(cfg.data), "stage-1 adapter": prompter.stage1}
+    run.check_inputs(inputs)
 
     # the head adapter: fp32 master weights, the only parameters that train
     head = HeadAdapter(model.lm_head, cfg.head_rank, dtype=torch.float32)
     params = {n: p for n, p in head.named_parameters() if p.requires_grad}
 
     def save(path):
-        save_head(head, path, cfg.target, model, base_fingerprint, stage1)
+        save_head(head, path, cfg.target, model, prompter.base_fingerprint, prompter.stage1)
 
     # The frozen body's outputs at answer positions, per example: (h (n_i, C), targets (n_i,)), on the
     # device, each process caching those it is given. An example's are always computed in the same batch
     # (its first-epoch micro-batch; for validation, its validation batch), so that they are the same bits
     # whenever and wherever they are computed: after --resume, or in another process.
-    cache, home = {"train": {}, "val": {}}, {}
+    plan = training.Plan(cfg, train, world.size)
+    val_batches = [list(range(i, min(i + cfg.batch_size, len(val)))) for i in range(0, len(val), cfg.batch_size)]
+    home = {"train": {i: idx for idx in plan.epoch_micro_batches(0) for i in idx},
+            "val": {i: b for b in val_batches for i in b}}
+    cache = {"train": {}, "val": {}}
 
     def features(split_name, examples, idx):
         """Hidden states and targets of the answer positions of examples[idx], concatenated."""
@@ -95,37 +108,89 @@ def main(cfg: HeadConfig) -> dict:
 
     def body(examples, idx) -> dict:
         ids, labels = collate([examples[i] for i in idx], tokenizer.pad_id)
-        with torch.no_grad(), run.hw.autocast():
-            h = model.hidden_states(to_device(ids[:, :-1], run.hw.device))  # (B, T-1, C)
+        with torch.no_grad(), hw.autocast():
+            h = model.hidden_states(to_device(ids[:, :-1], hw.device))  # (B, T-1, C)
         rows, targets = answer_rows(h, labels)
         # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
-        rows = rows.to(run.hw.dtype)
+        rows = rows.to(hw.dtype)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
         return dict(zip(idx, zip(rows.split(counts), targets.split(counts))))
 
     def evaluate() -> float:
+        """Mean validation loss per answer token, over every process's share of the validation batches."""
         total, count = 0.0, 0
-        with torch.no_grad(), run.hw.autocast():
-            for i in run.shard(range(0, len(val), cfg.batch_size)):
-                h, t = features("val", val, list(range(i, min(i + cfg.batch_size, len(val)))))
+        with torch.no_grad(), hw.autocast():
+            for idx in val_batches[world.rank::world.size]:
+                h, t = features("val", val, idx)
                 total, count = total + head.loss(h, t).item(), count + len(t)
-        return run.mean(total, count)
+        return world.mean(total, count, hw.device)
 
-    val_batches = [list(range(i, min(i + cfg.batch_size, len(val)))) for i in range(0, len(val), cfg.batch_size)]
-    home["val"] = {i: b for b in val_batches for i in b}
-    run.begin(head, params, train, val, base_fingerprint, what=f"stage 2, target {cfg.target}", evaluate=evaluate,
-              save=save, initial_is_best=True,  # the identity head is the base's own: a valid start
-              inputs={"stage-1 adapter": stage1})
-    home["train"] = {i: idx for idx in run.epoch_micro_batches(0) for i in idx}
-    with run:
-        for micro_batches in run.steps():  # one optimizer step: this process's micro-batches of it
-            for idx in micro_batches:
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    scaler = torch.amp.GradScaler(hw.device.type) if hw.needs_scaler else None  # fp16's; bf16 needs none
+    loss_fn = ddp.wrap(training.LossOf(head), world, hw.device)  # head.loss, through DDP under torchrun
+    if world.rank > 0:
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
+    step, best = 0, {}
+    if cfg.resume:
+        step, best = training.load_state(run, plan, params, optimizer, scaler, prompter.base_fingerprint)
+    run.write_config(inputs)
+    run.say(f"stage 2, target {cfg.target}: {len(train)} training / {len(val)} validation examples, "
+            f"{sum(p.numel() for p in params.values()):,} head parameters, {plan.total_steps} steps")
+    wrote_out = cfg.resume and run.out.exists()
+
+    with training.Log(run, plan, step, best, run.hparams(plan)) as log, training.StopSignals(run) as signals:
+        if step == 0 and val:  # the identity head is the base's own: a valid start, and the one to beat
+            log.validation(0, evaluate(), best=True)
+            run.on_main(save, run.out)
+            wrote_out = True
+        while step < plan.end:
+            lr = training.get_lr(step, cfg, plan.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches, scale = plan.share(step, world)  # this process's share of the step
+            step_loss = 0.0
+            for i, idx in enumerate(micro_batches):
+                loss_fn.require_backward_grad_sync = i == len(micro_batches) - 1  # DDP all-reduces in the last only
                 h, t = features("train", train, idx)
-                with run.hw.autocast():
-                    loss = run.loss(h, t)  # head.loss, through DDP
-                run.backward(loss)  # as its share of the mean over every answer token of the step
-            run.optimizer_step()
-    return {"step": run.step, "best_val_loss": run.best_val, "head": head, "model": model}
+                with hw.autocast():
+                    loss = loss_fn(h, t) * scale  # summed; its share of the step's mean over every answer token
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss = step_loss + loss.detach() / world.size
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            log.add(step, step_loss, grad_norm)
+            stop = signals.stop()
+            validate = val and (step % cfg.eval_interval == 0 or step == plan.end)
+            checkpoint = step % cfg.save_interval == 0 or step == plan.end or stop
+            if validate or checkpoint or step % cfg.log_interval == 0:
+                log.check(params, scaler)  # one wait for the device; stops here if training diverged
+            if validate:
+                val_loss = evaluate()
+                improved = val_loss < log.best_val
+                if improved:
+                    run.on_main(save, run.out)
+                log.validation(step, val_loss, improved)
+            log.write()
+            if checkpoint:
+                training.save_state(run, step, log.best(), params, optimizer, scaler, prompter.base_fingerprint)
+                run.on_main(save, run.folder / "last.safetensors")
+                log.restart_clock()
+            if stop:
+                raise training.Interrupted(f"interrupted after step {step}, saved in {run.folder}; continue with "
+                                           f"`python train_head.py --run-dir {run.folder} --resume`")
+    if not val or not wrote_out:  # no validation: the last weights are the best we know
+        run.on_main(save, run.out)
+    run.summary(log, run.folder / "last.safetensors")
+    return {"step": step, "best_val_loss": log.best_val, "head": head, "model": model}
 
 
 def _cat(pieces):
@@ -134,4 +199,4 @@ def _cat(pieces):
 
 
 if __name__ == "__main__":
-    cli.run("train_head.py", main, parse_args)
+    cli.run("train_head.py", main, parse_args, on_interrupt="; the last checkpoint is kept: continue with --resume")

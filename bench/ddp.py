@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lora  # noqa: E402
-import phi2  # noqa: E402
-from prompts import DEFAULT_DATA  # noqa: E402
+import lora
+import phi2
+from prompts import DEFAULT_DATA
 
 
 def lora_values(config: phi2.Phi2Config, rank: int) -> int:

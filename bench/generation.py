@@ -26,10 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import hardware  # noqa: E402
-import phi2  # noqa: E402
-from phi2.generation import generate  # noqa: E402
+import phi2
+from phi2.generation import generate
+from support import cli, hardware
 
 CONFIGS = {
     "small": phi2.Phi2Config(n_layer=4, n_head=8, n_kv_head=8, n_embd=512, intermediate_size=2048,
@@ -132,7 +131,7 @@ def main(args):
             row = (cname, hw.precision, "prefill 512", t_ours * 1e3, t_hf * 1e3, t_hf / t_ours, None)
             rows.append(row)
             _print_row(row)
-            del ours, hf
+            ours = hf = None  # freed now, not at the end of the function
 
     print("\n| config | dtype | setting | ours | transformers | speed-up | of bound |\n|---|---|---|---|---|---|---|")
     for cname, dname, setting, a, b, ratio, frac in rows:

@@ -28,11 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import hardware  # noqa: E402
-import phi2  # noqa: E402
-import train_head  # noqa: E402
-import train_sft  # noqa: E402
+import phi2
+import train_head
+import train_sft
+from support import cli, hardware
 
 
 def epoch_seconds(metrics: Path) -> dict:

@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import head_adapter as ha  # noqa: E402
-import phi2  # noqa: E402
-from phi2.weights import fingerprint  # noqa: E402
+import head_adapter as ha
+import phi2
+from phi2.weights import fingerprint
 
 SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "phi-2"
 TOPICS = ["rain", "taxes", "sorting", "café life", "rivers", "compilers", "tea", "chess"]
@@ -127,7 +127,8 @@ def bench(name, args):
                 same = sum(results[k][0] == solo[k][0] for k in results)
                 rows[concurrency] = tokens / seconds
                 print(f"{name}: {concurrency:2} clients: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:7.1f} "
-                      f"tok/s; time to first token median {1000 * statistics.median(r[1] for r in results.values()):.0f}"
+                      "tok/s; time to first token median "
+                      f"{1000 * statistics.median(r[1] for r in results.values()):.0f}"
                       f" ms; {same}/{len(results)} replies equal to the one-at-a-time run", flush=True)
             print(f"{name}: 16 clients / 1 client: {rows[16] / rows[1]:.1f}x (goal: at least 4x)", flush=True)
             return rows

@@ -32,11 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import hardware  # noqa: E402
-import lora  # noqa: E402
-import phi2  # noqa: E402
-from prompts import IGNORE_INDEX, encode_pair, read_pairs  # noqa: E402
+import lora
+import phi2
+from prompts import IGNORE_INDEX, encode_pair, read_pairs
+from support import cli, hardware
 
 CONFIGS = {
     "small": phi2.Phi2Config(n_layer=4, n_head=8, n_kv_head=8, n_embd=512, intermediate_size=2048,

@@ -16,21 +16,58 @@ from .config import Phi2Config
 from .fused import Dropout, Linear, autocast_dtype, linear_cross_entropy
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer, each (B, H_kv, max_len, D)."""
+class KVCache:
+    """One sequence's keys and values at every layer, preallocated: k[i], v[i] are (1, H_kv, max_len, D), and
+    slots [0, length) hold its tokens so far.
 
-    def __init__(self, batch_size, max_len, n_kv_head, head_dim, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        # non-persistent: a cache is scratch memory and never part of a checkpoint
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    Each row of a batch has a cache of its own, and attends to its own keys only: never to padding, and never
+    at another offset, so that its numbers are what the same sequence gets alone (phi2/generation.py).
+    static=True keeps every shape fixed for torch.compile: the length is a device tensor, and attention runs
+    over all max_len slots with the unwritten ones masked.
+    """
 
-    def update(self, input_pos, k, v, kv_len):
-        """Write k, v (B, H_kv, T, D) at slots input_pos (T,); return slots [0, kv_len) of both."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]  # (B, H_kv, S, D)
+    def __init__(self, config, max_len: int, dtype, device, static: bool = False):
+        if max_len > config.block_size:
+            raise ValueError(f"KV cache of {max_len} positions exceeds the context of {config.block_size}")
+        shape = (1, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.max_len, self.static = max_len, static
+        self.length = torch.zeros((), dtype=torch.long, device=device) if static else 0
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """The positions (T,) of the next T tokens: their slots, and their rotary positions."""
+        return self.length + torch.arange(T, device=device)
+
+    def attend(self, layer: int, q, k, v, n_rep: int):
+        """Write k, v (1, H_kv, T, D) after the sequence's tokens at this layer, and attend with q (1, H, T, D)
+        over every key so far, causally; (1, H, T, D)."""
+        T = q.size(2)
+        if self.static:
+            pos = self.positions(T, q.device)
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            mask = torch.arange(self.max_len, device=q.device) <= pos[:, None]  # (T, S)
+            return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=mask,
+                                                  enable_gqa=n_rep > 1)
+        n = self.length
+        if n + T > self.max_len:
+            raise ValueError(f"{n + T} tokens do not fit a KV cache of {self.max_len}")
+        self.k[layer][:, :, n:n + T] = k
+        self.v[layer][:, :, n:n + T] = v
+        keys, values = self.k[layer][:, :, :n + T], self.v[layer][:, :, :n + T]  # (1, H_kv, S, D)
+        # SDPA's is_causal aligns the triangle top-left: right only when the queries start at slot 0; a chunk
+        # after earlier tokens gets the offset mask, and one token needs none
+        mask = None if T == 1 or n == 0 else torch.ones(T, n + T, dtype=torch.bool, device=q.device).tril(n)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=T > 1 and n == 0,
+                                              enable_gqa=n_rep > 1)
+
+    def advance(self, T: int):
+        """The last forward pass wrote T tokens at every layer."""
+        if self.static:
+            self.length.add_(T)
+        else:
+            self.length += T
 
 
 def rotate_half(x):
@@ -48,38 +85,34 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Phi2Config):
+    def __init__(self, config: Phi2Config, layer: int = 0):
         super().__init__()
         C, D = config.n_embd, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
+        self.n_head, self.n_kv_head, self.head_dim, self.layer = config.n_head, config.n_kv_head, D, layer
         self.q_proj = Linear(C, config.n_head * D)
         self.k_proj = Linear(C, config.n_kv_head * D)
         self.v_proj = Linear(C, config.n_kv_head * D)
         self.dense = Linear(config.n_head * D, C)
         self.attn_pdrop = config.attn_pdrop
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, caches=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, H_kv, S, D)
 
-        # SDPA's is_causal masks the top-left triangle, which is right only when queries and keys are the
-        # same positions (training, or a prefill from slot 0); other cases come with an explicit mask, and
-        # a one-token decode step needs none. Phi-2 overflows fp16 if q.k and softmax run in half
-        # precision (HF upcasts for this reason): SDPA's fused CPU/CUDA kernels accumulate both in fp32
-        # and its math fallback upcasts half inputs, which tests/test_model.py checks.
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, D)
+        # Phi-2 overflows fp16 if q.k and softmax run in half precision (HF upcasts for this reason): SDPA's
+        # fused CPU/CUDA kernels accumulate both in fp32 and its math fallback upcasts half inputs, which
+        # tests/test_model.py checks.
+        n_rep = self.n_head // self.n_kv_head
+        if caches is None:  # training, or a whole sequence at once: causal over the sequence
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0,
+                                               is_causal=T > 1, enable_gqa=n_rep > 1)  # (B, H, T, D)
+        else:  # decoding: each row over its own cached keys (a padding row, without a cache, gets zeros)
+            y = torch.cat([q.new_zeros(1, *q.shape[1:]) if cache is None else
+                           cache.attend(self.layer, q[r:r + 1], k[r:r + 1], v[r:r + 1], n_rep)
+                           for r, cache in enumerate(caches)])  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.dense(y)
 
@@ -103,18 +136,18 @@ class Block(nn.Module):
                            └─ MLP ─────────(+)──> x + attn(ln(x)) + mlp(ln(x))
     """
 
-    def __init__(self, config: Phi2Config):
+    def __init__(self, config: Phi2Config, layer: int = 0):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.resid_dropout = Dropout(config.resid_pdrop)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, caches=None):
         h = self.input_layernorm(x)  # fp32 under autocast, which keeps layer_norm in fp32
         if autocast_dtype(h):  # cast once, not in each of the 4+ Linears that read h
             h = h.to(autocast_dtype(h))
-        attn = self.resid_dropout(self.self_attn(h, cos, sin, mask, input_pos, kv_len))
+        attn = self.resid_dropout(self.self_attn(h, cos, sin, caches))
         mlp = self.resid_dropout(self.mlp(h))
         return attn.add_(mlp).add_(x)  # attn + mlp + x, HF's order, summed in place (no backward needs attn)
 
@@ -125,7 +158,7 @@ class Phi2(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.embed_dropout = Dropout(config.embd_pdrop)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
         self.gradient_checkpointing = False
@@ -159,48 +192,25 @@ class Phi2(nn.Module):
                 m.bias.zero_()
         self.init_rope()
 
-    def setup_kv_cache(self, batch_size, max_len, dtype=None, device=None):
-        """Give every attention layer a cache for up to max_len positions."""
-        if max_len > self.config.block_size:
-            raise ValueError(f"KV cache of {max_len} positions exceeds the context of {self.config.block_size}")
-        dtype = dtype or self.lm_head.weight.dtype
-        device = device or self.lm_head.weight.device
-        for block in self.layers:
-            attn = block.self_attn
-            attn.kv_cache = KVCache(batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype, device)
+    def new_cache(self, max_len: int, static: bool = False) -> KVCache:
+        """An empty KV cache for one sequence of up to max_len tokens, in the model's dtype and device."""
+        return KVCache(self.config, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device, static)
 
-    def clear_kv_cache(self):
-        self.set_kv_caches([None] * len(self.layers))
-
-    def kv_caches(self) -> list[KVCache | None]:
-        """Each layer's cache, to set back later (serve.py prefills joining rows in caches of their own)."""
-        return [block.self_attn.kv_cache for block in self.layers]
-
-    def set_kv_caches(self, caches: list[KVCache | None]):
-        for block, cache in zip(self.layers, caches, strict=True):
-            block.self_attn.kv_cache = cache
-
-    def hidden_states(self, idx, input_pos=None, mask=None, position_ids=None, kv_len=None):
+    def hidden_states(self, idx, caches=None):
         """Final-LayerNorm output (B, T, C) for token ids idx (B, T).
 
-        input_pos: (T,) cache slots to write, or None for the training path (no cache).
-        mask: optional bool (B, 1, T, S), True where a query may attend a key; S = input_pos[-1] + 1.
-        position_ids: optional (B, T) rotary positions, for left-padded rows; default input_pos or 0..T-1.
-        kv_len: S, the cache slots in use after this call, as a Python int; given, it spares reading
-        input_pos back from the device (a wait on a GPU at every decoding step).
+        caches: None for the training path (each row a whole sequence from position 0, causal); or one KVCache
+        per row, which this call extends by the row's T tokens (their positions follow what it holds), or None
+        for a padding row, whose output is meaningless.
         """
         B, T = idx.shape
-        if input_pos is None:
+        if caches is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
-            kv_len, pos = None, torch.arange(T, device=idx.device)
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            if self.layers[0].self_attn.kv_cache is None:
-                raise RuntimeError("input_pos given but no KV cache: call model.setup_kv_cache() first")
-            kv_len, pos = kv_len or int(input_pos[-1]) + 1, input_pos
-            if mask is None and T > 1 and kv_len != T:  # a chunk after slot 0: causal with an offset
-                mask = input_pos[:, None] >= torch.arange(kv_len, device=idx.device)  # (T, S)
-        pos = (pos if position_ids is None else position_ids).view(-1, T)  # (B or 1, T)
+            zeros = torch.zeros(T, dtype=torch.long, device=idx.device)
+            pos = torch.stack([zeros if c is None else c.positions(T, idx.device) for c in caches])  # (B, T)
         cos = self.rope_cos[pos].unsqueeze(1)  # (B or 1, 1, T, R)
         sin = self.rope_sin[pos].unsqueeze(1)
 
@@ -208,14 +218,17 @@ class Phi2(nn.Module):
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 # non-reentrant: the frozen input of the first block carries no grad
-                x = checkpoint(block, x, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, caches, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos, kv_len)
+                x = block(x, cos, sin, caches)
+        for cache in caches or ():
+            if cache is not None:
+                cache.advance(T)
         return self.final_layernorm(x)
 
-    def forward(self, idx, input_pos=None, mask=None, position_ids=None, kv_len=None):
-        """Logits (B, T, V) for token ids idx (B, T); arguments as in hidden_states."""
-        return self.lm_head(self.hidden_states(idx, input_pos, mask, position_ids, kv_len))
+    def forward(self, idx, caches=None):
+        """Logits (B, T, V) for token ids idx (B, T); caches as in hidden_states."""
+        return self.lm_head(self.hidden_states(idx, caches))
 
     def loss(self, idx, labels):
         """Summed next-token cross-entropy and the number of tokens it covers, for idx and labels (B, T)

@@ -55,7 +55,7 @@ def save_hf_reference(config: Phi2Config, folder, max_shard_size="2MB", seed=0):
 def skip_emulated_bf16(config: Phi2Config):
     """bf16 tests of the full-width config only where the CPU runs bf16 natively: on an AVX2-only CPU its
     bf16 matmuls are emulated about 60x slower than fp32, and the narrow configs check the same numerics."""
-    import hardware
+    from support import hardware
     if config.n_embd > 1000 and not hardware.cpu_bf16_native():
         pytest.skip("full-width bf16 on a CPU without native bf16 (emulated, minutes); runs on AMX/AVX-512 BF16 CPUs")
 
@@ -104,12 +104,20 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: "test_quickstart.py" not in item.nodeid)
 
 
+def load_prompter(lora_dir, dtype=torch.float32):
+    """(merged model, tokenizer, base fingerprint, stage-1 id) of a prompter with no heads."""
+    from support.prompter import Prompter
+    p = Prompter.load(None, lora_dir, dtype=dtype)
+    return p.model, p.tokenizer, p.base_fingerprint, p.stage1
+
+
 def write_prompter(base, out, targets=("alpha", "beta"), head_ranks=(None, 4)):
     """A stage-1 adapter (out/lora) on the base folder and one head per target (out/{target}.safetensors), with
     random non-trivial values, saved as the trainers save them; heads take head_ranks in turn."""
     import head_adapter as ha
     import lora
     import phi2
+    from support.prompter import Prompter
 
     model = phi2.load_model(base)
     base_fp = phi2.weights.fingerprint(model)
@@ -118,7 +126,8 @@ def write_prompter(base, out, targets=("alpha", "beta"), head_ranks=(None, 4)):
     for m in lora.lora_modules(model).values():
         m.lora_B.data = 0.05 * torch.randn(m.lora_B.shape, generator=generator)
     lora.save_adapter(model, out / "lora", base_path=Path(base).resolve(), base_fingerprint=base_fp)
-    merged, _, fp, stage1 = ha.load_prompter(None, out / "lora", torch.float32)
+    prompter = Prompter.load(None, out / "lora")
+    merged, fp, stage1 = prompter.model, prompter.base_fingerprint, prompter.stage1
     for i, target in enumerate(targets):
         head = ha.HeadAdapter(merged.lm_head, head_ranks[i % len(head_ranks)])
         with torch.no_grad():

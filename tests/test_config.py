@@ -59,7 +59,8 @@ def test_absent_keys_fall_back_only_where_transformers_agrees_with_phi2(tmp_path
     cfg = Phi2Config.from_hf_json(_write(tmp_path, rope_theta=None, layer_norm_eps=None, num_key_value_heads=None))
     assert cfg == PRESETS["phi-2"]
     # absent, and transformers would assume something else: refused, naming both values
-    with pytest.raises(ConfigError, match=r"'hidden_size' is missing; transformers would assume 2048 but Phi-2 has 2560"):
+    with pytest.raises(ConfigError,
+                       match=r"'hidden_size' is missing; transformers would assume 2048 but Phi-2 has 2560"):
         Phi2Config.from_hf_json(_write(tmp_path, hidden_size=None))
     with pytest.raises(ConfigError, match="'partial_rotary_factor' is missing in rope_parameters or at the top level"):
         Phi2Config.from_hf_json(_write(tmp_path, partial_rotary_factor=None))

@@ -6,7 +6,7 @@ import pytest
 
 import phi2
 import prompts
-from prompts import DataError, IGNORE_INDEX
+from prompts import IGNORE_INDEX, DataError
 from tests.conftest import SHARED, needs_shared
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import train_head
 import train_sft
 from prompts import DEFAULT_DATA
+from support import training
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = dict(rtol=1e-6, atol=0.0)
@@ -38,9 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script, args, nproc=2, env=None, check=True):
+def torchrun(script, args, nproc=2, env=None, check=True, kill_at=None):
+    """script under torchrun; kill_at: its last process dies by SIGKILL after that step (tests/kill_at_step.py)."""
+    wrapped = [script] if kill_at is None else ["tests/kill_at_step.py", str(kill_at), script]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), script, *args]
+               "127.0.0.1", "--master_port", str(free_port()), *wrapped, *args]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     if check:
@@ -106,14 +109,14 @@ def test_a_killed_two_process_job_resumes_exactly(stage1):
     args = ["--model", str(folder / "one" / "base"), "--data", str(data), "--run-dir", str(folder / "killed"),
             "--rank", "4", "--dropout", "0", "--lr", "2e-3", *COMMON, "--grad-accum", "2"]
     # the second process dies by SIGKILL after step 5; the checkpoint of step 3 is the last good one
-    died = torchrun("train_sft.py", args, env={"PHI2_PROMPTER_KILL_AT_STEP": "5"}, check=False)
+    died = torchrun("train_sft.py", args, kill_at=5, check=False)
     assert died.returncode != 0
     assert max(r["step"] for r in log(folder / "killed")) <= 6
     torchrun("train_sft.py", [*args, "--resume"])
     if not (folder / "two").exists():
         torchrun("train_sft.py", [*args[:5], str(folder / "two"), *args[6:]])
     assert_same_run(folder / "two", folder / "killed", exact=True)
-    with pytest.raises(train_sft.runs.TrainingError, match="was started on 2 processes, this is 1"):
+    with pytest.raises(training.TrainingError, match="was started on 2 processes, this is 1"):
         train_sft.main(train_sft.parse_args([*args, "--resume", "--max-steps", "12"]))  # here: one process
 
 

@@ -123,9 +123,9 @@ def test_a_judge_preferring_longer_answers_gives_the_table_computed_here(servers
     assert overall["win_rate"] == (wins + ties / 2) / 8
     for category in ("writing", "science"):
         pairs = [(i, REWRITES[i]) for i, c in INSTRUCTIONS if c == category]
-        w, t, l = expected_pairwise(pairs)
+        w, t, lost = expected_pairwise(pairs)
         assert (results["categories"][category]["wins"], results["categories"][category]["ties"],
-                results["categories"][category]["losses"]) == (w, t, l)
+                results["categories"][category]["losses"]) == (w, t, lost)
     # 8 originals + 8 rewrites answered; 2 judgments per item, each asked once (the item whose two answers
     # are the same text needs only one: both orders are the same request)
     assert len(target.seen) == 16 and len(judge.seen) == len(set(judge.seen)) == 15
@@ -172,7 +172,8 @@ def test_a_reply_without_a_verdict_is_counted_unparsed(servers, files, tmp_path,
 
     results = run(servers(target_reply), servers(judge_reply), files, tmp_path, monkeypatch)
     assert results["unparsed"] == 1 and results["judged"] == 7 and results["overall"]["n"] == 7
-    rows = {r["instruction"]: r for r in map(json.loads, (tmp_path / "out" / "judgments.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()
+    rows = {r["instruction"]: r for r in map(json.loads, lines)}
     assert rows["what is entropy"]["status"] == "unparsed" and rows["what is entropy"]["verdict"] is None
     assert evaluate.parse_verdict("[[A]] ... or rather [[B]]") is None  # two verdicts: not guessed either
 
@@ -279,7 +280,7 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
 
 
 def test_the_cache_skips_a_line_cut_short_and_appends_after_it(tmp_path):
-    from llm import Cache
+    from support.llm import Cache
     path = tmp_path / "cache.jsonl"
     path.write_text(json.dumps({"key": "a", "request": {}, "answer": "one"}) + "\n" + '{"key": "b", "answ')
     cache = Cache(path)

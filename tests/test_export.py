@@ -10,7 +10,7 @@ import export
 import head_adapter as ha
 import phi2
 from phi2.generation import generate
-from tests.conftest import write_prompter
+from tests.conftest import load_prompter, write_prompter
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def prompter(tiny_checkpoint, tmp_path_factory):
 
 
 def ours(prompter, head_file):
-    model, _, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
+    model, _, fp, stage1 = load_prompter(prompter / "lora", torch.float32)
     head = ha.load_head(head_file, model, fp, stage1) if head_file else None
     return model, head
 

@@ -6,6 +6,7 @@ import pytest
 
 import generate
 import phi2
+import support.prompter
 from phi2.errors import UsageError
 from phi2.generation import generate as engine
 from prompts import DataError, format_prompt
@@ -55,7 +56,7 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
     (tmp_path / "out.jsonl").unlink()
     (tmp_path / "out.jsonl.partial").write_text(final[0] + "\n" + final[2] + "\n" + final[1][:20])
     calls = []
-    monkeypatch.setattr(generate, "generate", lambda model, prompts, *a, **k: calls.append(len(prompts))
+    monkeypatch.setattr(support.prompter, "generate", lambda model, prompts, *a, **k: calls.append(len(prompts))
                         or engine(model, prompts, *a, **k))
     resumed, _, err = run(capsys, *argv)
     assert calls == [1] and "resuming: 2 results" in err
@@ -114,11 +115,10 @@ def test_cli_exits_with_one_line(tiny_checkpoint, tmp_path):
 
 
 def test_compile_gives_the_eager_rewrites_and_says_what_compiling_cost(tiny_checkpoint, capsys, monkeypatch):
-    import torch
 
     import phi2.generation as gen
     # inductor is what --compile uses; aot_eager runs the same static-cache graph without minutes of compiling
-    monkeypatch.setattr(gen, "_compiled_decode", lambda backend: torch.compile(gen.decode_static, backend="aot_eager"))
+    monkeypatch.setattr(generate, "compiled", lambda: gen.compiled("aot_eager"))
     argv = ["--model", tiny_checkpoint, "--max-new-tokens", 10, "--precision", "fp32", "--json", "Write a plan",
             "Explain taxes to a child"]
     eager, _, _ = run(capsys, *argv)

@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import lora
 import phi2
-import runs
 import target_data
 import train_head
 import train_sft
 from prompts import DEFAULT_DATA
+from support import training
+from support.prompter import Prompter
 from tests.servers import LoopbackServer, send_json
 from tests.test_target_data import KEY, FakeLLM
 
@@ -66,7 +67,8 @@ def test_a_key_echoed_in_an_answer_never_reaches_the_output(tmp_path, monkeypatc
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"please repeat {KEY}\n")
     cfg = target_data.TargetDataConfig(base_url=server.url, model="target-1", out=str(tmp_path / "out.jsonl"),
-                                       data=str(prompts), api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0, cache="")
+                                       data=str(prompts), api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0,
+                                       cache="")
     try:
         target_data.main(cfg)
     finally:
@@ -147,7 +149,7 @@ def test_config_with_the_wrong_type_is_one_line(tmp_path, key, value):
 
 
 def test_max_len_beyond_the_context_stops_before_training(tmp_path):
-    with pytest.raises(runs.TrainingError, match="--max-len 4096 is longer than the model's context of 512"):
+    with pytest.raises(training.TrainingError, match="--max-len 4096 is longer than the model's context of 512"):
         train_sft.main(train_sft.TrainConfig(model="tiny", run_dir=str(tmp_path), max_len=4096, max_steps=2))
 
 
@@ -167,7 +169,7 @@ def test_out_of_range_flags_are_refused_in_one_line(capsys, argv, message):
 
 
 def test_a_target_name_cannot_leave_its_folder():
-    with pytest.raises(runs.TrainingError, match="a target's name is letters, digits and"):
+    with pytest.raises(training.TrainingError, match="a target's name is letters, digits and"):
         train_head.HeadConfig(target="../../x", data="d.jsonl")
 
 
@@ -181,7 +183,7 @@ def test_a_new_run_never_replaces_an_existing_head(tmp_path):
     out.write_bytes(b"a trained head, hours of work")
     cfg = dict(target="concise", data=str(DATA_DIR / "targets" / "concise.jsonl"), lora=str(tmp_path / "sft" / "best"),
                out=str(out), run_dir=str(tmp_path / "head"), max_steps=2, batch_size=8, grad_accum=1, max_len=256)
-    with pytest.raises(runs.TrainingError, match="already exists .* choose another --out, or pass --overwrite"):
+    with pytest.raises(training.TrainingError, match="already exists .* choose another --out, or pass --overwrite"):
         train_head.main(train_head.HeadConfig(**cfg))
     assert out.read_bytes() == b"a trained head, hours of work"
     train_head.main(train_head.HeadConfig(**cfg, overwrite=True))
@@ -214,8 +216,9 @@ def test_a_base_killed_while_being_written_is_never_taken_for_one(tmp_path, monk
 
 def test_a_resaved_adapter_keeps_its_identity(tmp_path):
     """Re-saving an adapter with its metadata in another order changes the file's bytes, not its identity."""
-    import head_adapter
     from safetensors import safe_open
+
+    import head_adapter
     folder = tmp_path / "a"
     folder.mkdir()
     tensors = {"b.lora_B.weight": torch.randn(8, 4), "a.lora_A.weight": torch.randn(4, 8)}
@@ -236,12 +239,12 @@ def test_resume_refuses_changed_data_and_out_of_the_wrong_kind(tmp_path):
                max_steps=2, device="cpu", precision="fp32")
     train_sft.main(train_sft.TrainConfig(**cfg, stop_after=1))
     data.write_text(data.read_text().replace("a", "A", 1))
-    with pytest.raises(runs.TrainingError, match="started on another data .* resume with the one it started with"):
+    with pytest.raises(training.TrainingError, match="started on another data .* resume with the one it started with"):
         train_sft.main(train_sft.TrainConfig(**cfg, resume=True))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(runs.TrainingError, match="--out .*file is a file, but a folder goes there"):
+    with pytest.raises(training.TrainingError, match="--out .*file is a file, but a folder goes there"):
         train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "r2")}, out=str(tmp_path / "file")))
-    with pytest.raises(runs.TrainingError, match="--run-dir .*file is a file"):
+    with pytest.raises(training.TrainingError, match="--run-dir .*file is a file"):
         train_sft.main(train_sft.TrainConfig(**{**cfg, "run_dir": str(tmp_path / "file")}))
 
 
@@ -260,7 +263,8 @@ def test_a_base_resaved_in_another_dtype_keeps_its_fingerprint(tmp_path):
         prints |= {fingerprint(phi2.load_model(tmp_path / str(dtype), dtype=d)) for d in (torch.float32, dtype)}
     assert len(prints) == 1
     with torch.no_grad():
-        model.float().layers[2].self_attn.dense.weight.add_(1e-3 * torch.randn_like(model.layers[2].self_attn.dense.weight))
+        dense = model.float().layers[2].self_attn.dense.weight
+        dense.add_(1e-3 * torch.randn_like(dense))
     assert fingerprint(model) not in prints
 
 
@@ -272,9 +276,10 @@ def test_adapters_and_heads_from_before_the_sign_bit_fingerprint_still_load(tiny
     lora.inject(model, rank=2, alpha=2.0)
     lora.save_adapter(model, tmp_path / "old", base_path=tiny_checkpoint, base_fingerprint=old)
     lora.save_adapter(model, tmp_path / "other", base_path=tiny_checkpoint, base_fingerprint="0123456789abcdef")
-    merged, _, fp, stage1 = head_adapter.load_prompter(None, tmp_path / "old", torch.float32)  # accepted
+    prompter = Prompter.load(None, tmp_path / "old")  # accepted
+    merged, stage1 = prompter.model, prompter.stage1
     head_adapter.save_head(head_adapter.HeadAdapter(merged.lm_head), tmp_path / "h.safetensors", "t", merged, old,
                            stage1)
-    assert head_adapter.load_head(tmp_path / "h.safetensors", merged, fp, stage1).target == "t"
+    assert prompter.add_head(tmp_path / "h.safetensors").target == "t"
     with pytest.raises(lora.AdapterError, match="trained on another base model"):
-        head_adapter.load_prompter(None, tmp_path / "other", torch.float32)
+        Prompter.load(None, tmp_path / "other")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import hardware
 import lora
 import phi2
 from head_adapter import HeadAdapter
-from phi2.generation import decode_one_token, prefill, sample
+from phi2.generation import decode_step
 from phi2.model import answer_rows
+from support import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,10 +134,9 @@ def test_training_caching_and_decoding_make_tensors_only_on_the_models_device(ti
         for h in (head, low_rank_head):
             h.loss(rows, targets).backward()
         with torch.no_grad():  # decoding: prefill, then one step
-            model.setup_kv_cache(2, 16)
-            token = sample(prefill(model, ids[:, :8].to("meta")))
-            decode_one_token(model, token, 8)
-            model.clear_kv_cache()
+            caches = [model.new_cache(16) for _ in range(2)]
+            h = model.hidden_states(ids[:, :8].to("meta"), caches)[:, -1]
+            decode_step(model, model.lm_head(h).argmax(dim=-1), caches)
     assert n == 16 and loss.device.type == "meta"
     assert mode.off_device == []
 

@@ -17,6 +17,7 @@ import train_sft
 from phi2.generation import generate
 from phi2.weights import fingerprint
 from prompts import DATA_DIR, DEFAULT_DATA
+from tests.conftest import load_prompter
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCISE = DATA_DIR / "targets" / "concise.jsonl"
@@ -58,7 +59,7 @@ def test_train_head_changes_only_the_head(stage1, tmp_path):
     assert not torch.is_autocast_enabled("cpu")  # no autocast state leaks out of a run
     model, head = result["model"], result["head"]
     # the frozen body: base with the stage-1 adapter merged, exactly as loaded
-    reference, *_ = ha.load_prompter(None, stage1[1], model.lm_head.weight.dtype)
+    reference, *_ = load_prompter(stage1[1], model.lm_head.weight.dtype)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     assert not torch.equal(head.adapter.weight, torch.eye(head.adapter.weight.size(0)))
@@ -71,7 +72,7 @@ def test_train_head_changes_only_the_head(stage1, tmp_path):
 def test_head_file_round_trip_and_metadata(stage1, tmp_path):
     result = train_head.main(head_config(stage1, tmp_path, max_steps=4))
     metadata = ha.read_metadata(tmp_path / "concise.safetensors")
-    model, _, base_fp, stage1_id = ha.load_prompter(None, stage1[1], torch.float32)
+    model, _, base_fp, stage1_id = load_prompter(stage1[1], torch.float32)
     assert metadata["target"] == "concise" and metadata["base_fingerprint"] == base_fp
     assert metadata["stage1_adapter"] == stage1_id == ha.stage1_id(stage1[1])
     assert metadata["hidden_size"] == str(model.config.n_embd) and metadata["head_rank"] == "full"
@@ -92,12 +93,13 @@ def test_head_file_round_trip_and_metadata(stage1, tmp_path):
 
 def test_low_rank_head_file_is_small(stage1, tmp_path):
     train_head.main(head_config(stage1, tmp_path / "full", max_steps=2))
-    train_head.main(head_config(stage1, tmp_path / "low", max_steps=2, head_rank=4, run_dir=str(tmp_path / "low" / "run"),
+    train_head.main(head_config(stage1, tmp_path / "low", max_steps=2, head_rank=4,
+                                run_dir=str(tmp_path / "low" / "run"),
                                 out=str(tmp_path / "low" / "h.safetensors")))
     full = (tmp_path / "full" / "concise.safetensors").stat().st_size
     low = (tmp_path / "low" / "h.safetensors").stat().st_size
     assert low < full / 2
-    model, _, base_fp, stage1_id = ha.load_prompter(None, stage1[1], torch.float32)
+    model, _, base_fp, stage1_id = load_prompter(stage1[1], torch.float32)
     head = ha.load_head(tmp_path / "low" / "h.safetensors", model, base_fp, stage1_id)
     assert head.head_rank == 4 and head.lm_head.weight is model.lm_head.weight  # shares the base head
 
@@ -119,11 +121,12 @@ def test_train_head_resumes_exactly_after_sigkill(stage1, tmp_path):
     straight = train_head.main(head_config(stage1, tmp_path / "a", run_dir=str(tmp_path / "a" / "run")))
     # a real train_head.py that SIGKILLs itself after step 7 (checkpoints at 4 and 8), on as many threads
     cfg = head_config(stage1, tmp_path / "b", run_dir=str(tmp_path / "b" / "run"))
-    argv = [sys.executable, "train_head.py", "--target", cfg.target, "--data", cfg.data, "--lora", cfg.lora, "--out",
+    argv = [sys.executable, "tests/kill_at_step.py", "7", "train_head.py", "--target", cfg.target, "--data",
+            cfg.data, "--lora", cfg.lora, "--out",
             cfg.out, "--run-dir", cfg.run_dir, "--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3",
             "--warmup-steps", "2", "--max-steps", "12", "--eval-interval", "4", "--save-interval", "4",
             "--max-len", "256"]
-    env = {**os.environ, "PHI2_PROMPTER_KILL_AT_STEP": "7", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = train_head.main(head_config(stage1, tmp_path / "b", run_dir=str(tmp_path / "b" / "run"), resume=True))
@@ -137,7 +140,7 @@ def test_train_head_resumes_exactly_after_sigkill(stage1, tmp_path):
 def test_mismatched_heads_are_refused(stage1, tmp_path, tiny_cfg):
     train_head.main(head_config(stage1, tmp_path, max_steps=1))
     path = tmp_path / "concise.safetensors"
-    model, _, base_fp, stage1_id = ha.load_prompter(None, stage1[1], torch.float32)
+    model, _, base_fp, stage1_id = load_prompter(stage1[1], torch.float32)
     with pytest.raises(ha.HeadError, match="made for another base model"):
         ha.load_head(path, model, fingerprint(phi2.build_model(tiny_cfg)), stage1_id)
     with pytest.raises(ha.HeadError, match="trained on stage-1 adapter .* pass the --lora it was trained with"):
@@ -162,5 +165,6 @@ def test_generate_cli_gives_one_rewrite_per_head(stage1, tmp_path, capsys):
         "write a poem", "explain taxes"]))
     out = capsys.readouterr().out.splitlines()
     assert [(r["input"], r["target"]) for r in map(json.loads, out)] == [
-        ("write a poem", "concise"), ("write a poem", "other"), ("explain taxes", "concise"), ("explain taxes", "other")]
+        ("write a poem", "concise"), ("write a poem", "other"), ("explain taxes", "concise"),
+        ("explain taxes", "other")]
     assert len(records) == 4

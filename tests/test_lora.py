@@ -120,7 +120,8 @@ def test_adapter_for_another_base_is_refused(tiny_cfg, tmp_path):
     # other shapes
     wider = dataclasses.replace(tiny_cfg, intermediate_size=128)
     lora.save_adapter(model, tmp_path / "b")
-    with pytest.raises(lora.AdapterError, match=r"layers.0.mlp.fc1.lora_B.weight' has shape \(256, 4\), this base needs \(128, 4\)"):
+    with pytest.raises(lora.AdapterError,
+                       match=r"layers.0.mlp.fc1.lora_B.weight' has shape \(256, 4\), this base needs \(128, 4\)"):
         lora.load_adapter(phi2.build_model(wider), tmp_path / "b")
     # other module names (a deeper model has layers this adapter lacks)
     with pytest.raises(lora.AdapterError, match="lacks tensor"):

@@ -63,10 +63,10 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_cfg, n_kv_head):
     model = phi2.build_model(dataclasses.replace(tiny_cfg, n_kv_head=n_kv_head)).eval()
     x = _tokens(tiny_cfg, B=3, T=20)
     full = model(x)
-    model.setup_kv_cache(batch_size=3, max_len=32)
-    steps = [model(x[:, :8], input_pos=torch.arange(8))]  # prefill
+    caches = [model.new_cache(32) for _ in range(3)]  # one per row
+    steps = [model(x[:, :8], caches)]  # prefill
     for t in range(8, 20):  # one token at a time
-        steps.append(model(x[:, t:t + 1], input_pos=torch.tensor([t])))
+        steps.append(model(x[:, t:t + 1], caches))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -75,8 +75,8 @@ def test_kv_cache_chunked_prefill_equals_full_forward(tiny_cfg):
     model = phi2.build_model(tiny_cfg).eval()
     x = _tokens(tiny_cfg, B=2, T=24)
     full = model(x)
-    model.setup_kv_cache(batch_size=2, max_len=24)
-    chunks = [model(x[:, a:b], input_pos=torch.arange(a, b)) for a, b in [(0, 10), (10, 17), (17, 24)]]
+    caches = [model.new_cache(24) for _ in range(2)]
+    chunks = [model(x[:, a:b], caches) for a, b in [(0, 10), (10, 17), (17, 24)]]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -143,14 +143,16 @@ def test_sequence_longer_than_context_is_refused(tiny_cfg):
     model = phi2.build_model(tiny_cfg)
     with pytest.raises(ValueError, match="exceeds the context of 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="setup_kv_cache"):
-        model(torch.zeros(1, 4, dtype=torch.long), input_pos=torch.arange(4))
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        model.new_cache(65)
+    with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), [model.new_cache(4)])
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(autocast):
-    import hardware
     from phi2.fused import linear_cross_entropy
+    from support import hardware
     N, C, V = 130, 160, 70_000  # several chunks of rows (59 each), of softmax rows and of the weight gradient's rows
     if autocast and not hardware.cpu_bf16_native():
         C = 32  # emulated bf16 matmuls (AVX2 only) are ~60x slower: the same chunks at a fifth of the work

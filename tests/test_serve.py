@@ -3,6 +3,7 @@ models, both endpoints, streaming, every error status, auth, dynamic batching (e
 request alone, and to phi2.generation.generate), client disconnect, and the proxy in front of an upstream
 server the test runs."""
 
+import collections
 import json
 import threading
 import time
@@ -11,7 +12,7 @@ import urllib.parse
 import pytest
 import torch
 
-from tests.conftest import write_prompter
+from tests.conftest import load_prompter, write_prompter
 from tests.servers import LoopbackServer, completion, send_json
 
 openai = pytest.importorskip("openai")
@@ -21,8 +22,10 @@ httpx = pytest.importorskip("httpx")
 
 import head_adapter as ha  # noqa: E402
 import serve  # noqa: E402
+import serving.engine  # noqa: E402
 from phi2.generation import generate  # noqa: E402
 from prompts import format_prompt  # noqa: E402
+from serving.engine import Engine, Request  # noqa: E402
 
 KEY, UPSTREAM_KEY = "sk-test-server", "sk-upstream-secret"
 PROMPTS = ["write a poem about rain", "explain taxes for children", "summarize a report on sorting",
@@ -34,9 +37,40 @@ def prompter(tiny_checkpoint, tmp_path_factory):
     return write_prompter(tiny_checkpoint, tmp_path_factory.mktemp("serve"))
 
 
-def start(server: serve.Server):
+class Recording(Engine):
+    """The engine, recording the rows of each decoding step and why each row left, with its token count;
+    delay: seconds added to each step, for tests of slow batches."""
+    delay = 0.0
+
+    def __init__(self, *args, **kwargs):
+        self.steps, self.left = collections.deque(maxlen=10_000), collections.deque(maxlen=10_000)
+        self.seen = collections.defaultdict(list)  # request -> each hidden state its next token came from
+        super().__init__(*args, **kwargs)
+
+    def pick(self):
+        for request, h in zip(self.rows, self.batch.h):
+            self.seen[request].append(h.clone())
+        return super().pick()
+
+    def decode(self, tokens):
+        self.steps.append(len(tokens))
+        time.sleep(self.delay)
+        super().decode(tokens)
+
+    def retire(self):
+        self.left.extend((r.finish or "cancelled", len(r.out)) for r in self.rows if not r.going())
+        return super().retire()
+
+
+def decode(engine: Engine, requests: list[Request]):
+    """Decode the requests on this thread, to the end (the engine's own thread is left waiting)."""
+    engine.queue.extend(requests)
+    engine.run()
+
+
+def start(app):
     """Run the app on uvicorn in a thread, on a free port; its base URL."""
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=uv.run, daemon=True).start()
     for _ in range(500):
         if uv.started:
@@ -47,12 +81,14 @@ def start(server: serve.Server):
 
 
 def launch(prompter, monkeypatch, *args, step_delay=0.0):
+    """(the API, with a Recording engine, and its base URL)."""
     monkeypatch.setenv("SERVE_KEY", KEY)
+    monkeypatch.setattr(serving.engine, "Engine", type("Slow", (Recording,), {"delay": step_delay}))
     cfg = serve.parse_args(["--lora", str(prompter / "lora"), "--head", str(prompter / "alpha.safetensors"),
                             "--head", str(prompter / "beta.safetensors"), "--device", "cpu", "--precision", "fp32",
                             "--api-key-env", "SERVE_KEY", "--max-tokens", "24", *args])
-    server = serve.load(cfg, step_delay=step_delay)
-    return server, start(server)
+    app = serve.load(cfg)
+    return app.state.api, start(app)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +100,7 @@ def served(prompter):
 
 def direct(prompter, model, prompt, max_tokens):
     """What phi2.generation.generate gives for the prompt with the model's head (greedy), stripped."""
-    merged, tokenizer, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
+    merged, tokenizer, fp, stage1 = load_prompter(prompter / "lora", torch.float32)
     head = None if model == "base" else ha.load_head(prompter / f"{model}.safetensors", merged, fp, stage1)
     ids = tokenizer.encode(format_prompt(prompt))
     c = generate(merged, [ids], max_tokens, eos_id=tokenizer.eos_id, tokenizer=tokenizer, head=head)[0]
@@ -178,112 +214,91 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
         chat(client, "x", max_tokens=1000)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
-    raw = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    as_json = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers=as_json)
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "the request body is not valid JSON"
     for junk in (b"[1, 2]", b'{"model": "alpha", "messages": "hi"}', b'{"model": ["a"]}', b"\xff\xfe",
                  b'{"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'):
-        raw = httpx.post(f"{client.base_url}chat/completions", content=junk, headers={"Authorization": f"Bearer {KEY}"})
+        raw = httpx.post(f"{client.base_url}chat/completions", content=junk, headers=as_json)
         assert raw.status_code == 400 and "error" in raw.json(), junk
     for junk in (b'{"model": "alpha", "prompt": "x", "temperature": NaN}', b'{"model": "alpha", "prompt": "x", "n": 1'
                  + b"9" * 400 + b"}", b'{"model": "alpha", "prompt": "\\ud800 x"}', b"[" * 100_000 + b"]" * 100_000):
-        raw = httpx.post(f"{client.base_url}completions", content=junk, headers={"Authorization": f"Bearer {KEY}"})
+        raw = httpx.post(f"{client.base_url}completions", content=junk, headers=as_json)
         assert raw.status_code == 400 and "error" in raw.json(), junk[:60]
     assert httpx.get(f"{client.base_url}nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     assert chat(client, PROMPTS[0]).choices  # and it still serves
 
 
-class Direct:
-    """Stands in for the event loop a serve.Job reports to: its events go straight into its queue."""
-
-    @staticmethod
-    def call_soon_threadsafe(fn, *args):
-        fn(*args)
-
-
-class Spy(torch.nn.Module):
-    """A head that keeps every hidden state (row) it is given."""
-
-    def __init__(self, head):
-        super().__init__()
-        self.head, self.rows = head, []
-
-    def forward(self, h):
-        self.rows.append(h.clone())
-        return self.head(h)
-
-
 def test_rows_joining_and_leaving_at_different_steps_each_equal_their_solo_decode(prompter):
-    model, tokenizer, fp, stage1 = ha.load_prompter(None, prompter / "lora", torch.float32)
-    heads = {"base": Spy(model.lm_head), "alpha": Spy(ha.load_head(prompter / "alpha.safetensors", model, fp, stage1))}
-    engine = serve.Engine(model, tokenizer, heads, max_batch=2)
+    model, tokenizer, fp, stage1 = load_prompter(prompter / "lora", torch.float32)
+    heads = {"base": None, "alpha": ha.load_head(prompter / "alpha.safetensors", model, fp, stage1)}
+    engine = Recording(model, tokenizer, heads, max_batch=2)
     # (prompt, head, max_tokens, temperature, seed): two rows at a time, so each finish lets the next join
-    # at a step of its own, with a prompt shorter or longer than the rows it joins; the first two start
-    # together, one left-padded by 2 (so its copy of the template's prefix starts at slot 2)
+    # at a step of its own, with a prompt shorter or longer than the rows it joins
     specs = [(PROMPTS[5], "alpha", 9, 0.0, None), (PROMPTS[4], "base", 3, 0.0, None),
              (PROMPTS[3] * 3, "alpha", 12, 0.0, None), (PROMPTS[0], "base", 5, 0.9, 11),
              (PROMPTS[1], "alpha", 7, 0.0, None)]
-    make = lambda: [serve.Job(tokenizer.encode(format_prompt(p)), m, n, t, None, seed, loop=Direct())  # noqa: E731
+    make = lambda: [Request(tokenizer.encode(format_prompt(p)), m, n, t, None, seed)  # noqa: E731
                     for p, m, n, t, seed in specs]
-    prefix, engine.prefix = engine.prefix, None  # alone, each prompt prefilled whole; together, from the prefix
+    seen = lambda jobs: [torch.stack(engine.seen[job]) for job in jobs]  # noqa: E731 (each job's hidden states)
+    prefix, engine.prefix = engine.prefix, None  # each prompt prefilled whole
     assert len(prefix.ids) >= 5  # the template's start, "System: Fix the following prompt. Prompt:"
-    solo = []
-    for job in make():
-        engine.decode([job])
-        solo.append(job.out)
-    engine.prefix = prefix
-    solo_rows = torch.cat([row for spy in heads.values() for row in spy.rows])  # (every step of every job, C)
-    for spy in heads.values():
-        spy.rows.clear()
+    whole = make()
+    for job in whole:
+        decode(engine, [job])
+    engine.prefix = prefix  # from here on, the template's start is copied from the prefix
+    solo = make()
+    for job in solo:
+        decode(engine, [job])
     engine.steps.clear()
     engine.left.clear()
     jobs = make()
-    engine.decode(jobs)
-    assert [job.out for job in jobs] == solo
-    assert [len(out) for out in solo] == [n for _, _, n, _, _ in specs]  # no EOS: each row runs to its length
+    decode(engine, jobs)
+    assert [job.out for job in jobs] == [job.out for job in solo] == [job.out for job in whole]
+    assert [len(job.out) for job in solo] == [n for _, _, n, _, _ in specs]  # no EOS: each row runs to its length
     # two rows at a time, each next job taking the row freed first: rows leave in this order, not arrival's
     assert [tokens for _, tokens in engine.left] == [3, 9, 5, 12, 7]
     assert set(engine.steps) == {1, 2}
-    # and every hidden state a head saw is one the same job gave alone (the tokens alone are a weak check:
-    # a tiny random model's argmax barely depends on what a row attends to)
-    rows = torch.cat([row for spy in heads.values() for row in spy.rows])
-    assert rows.shape == solo_rows.shape
-    distance = torch.cdist(rows, solo_rows, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not |a|²+|b|²-2ab
-    assert distance.min(dim=1).values.max() < 1e-4
+    # every hidden state a head saw is, bit for bit, the one the same job gave alone (the tokens alone are a
+    # weak check: a tiny random model's argmax barely depends on what a row attends to); and the prefix's
+    # copied keys and values give what the whole prompt's prefill gives, up to rounding
+    for together, alone, full in zip(seen(jobs), seen(solo), seen(whole)):
+        assert torch.equal(together, alone)
+        torch.testing.assert_close(alone, full, atol=1e-4, rtol=0)
 
 
 def test_a_prefill_that_fails_fails_only_its_own_job(prompter, monkeypatch):
-    model, tokenizer, _, _ = ha.load_prompter(None, prompter / "lora", torch.float32)
-    engine = serve.Engine(model, tokenizer, {"base": None}, max_batch=2)
-    make = lambda p, n: serve.Job(tokenizer.encode(format_prompt(p)), "base", n, loop=Direct())  # noqa: E731
+    model, tokenizer, _, _ = load_prompter(prompter / "lora", torch.float32)
+    engine = Engine(model, tokenizer, {"base": None}, max_batch=2)
+    events = collections.defaultdict(list)
+    make = lambda p, n: Request(tokenizer.encode(format_prompt(p)), "base", n,  # noqa: E731
+                                on_event=lambda *e, p=p: events[p].append(e))
     alone = make(PROMPTS[0], 8)
-    engine.decode([alone])
+    decode(engine, [alone])
     prefills, hidden_states = [], model.hidden_states
 
-    def failing(idx, *args, **kwargs):  # the second prefill (the third job's) runs out of memory
+    def failing(idx, *args, **kwargs):  # the third prefill (the third job's) runs out of memory
         if idx.size(1) > 1:
             prefills.append(idx.size(0))
-            if len(prefills) == 2:
+            if len(prefills) == 3:
                 raise RuntimeError("out of memory (simulated)")
         return hidden_states(idx, *args, **kwargs)
 
     monkeypatch.setattr(model, "hidden_states", failing)
     first, short, late = make(PROMPTS[0], 8), make(PROMPTS[1], 2), make(PROMPTS[2], 4)
-    engine.decode([first, short, late])  # first and short start together; late takes short's row, and fails
-    assert prefills == [2, 1] and first.out == alone.out and len(short.out) == 2 and late.out == []
-    events = []
-    while not late.events.empty():
-        events.append(late.events.get_nowait())
-    assert events == [("error", "RuntimeError: out of memory (simulated)")]
+    decode(engine, [first, short, late])  # first and short start together; late takes short's row, and fails
+    assert prefills == [1, 1, 1] and first.out == alone.out and len(short.out) == 2 and late.out == []
+    assert events[PROMPTS[2]] == [("error", "RuntimeError: out of memory (simulated)")]
 
 
 def test_a_waiting_job_whose_client_left_stops_counting_against_the_queue(prompter):
-    model, tokenizer, _, _ = ha.load_prompter(None, prompter / "lora", torch.float32)
-    engine = serve.Engine(model, tokenizer, {"base": None}, max_batch=1, step_delay=0.02)
-    make = lambda n: serve.Job(tokenizer.encode(format_prompt(PROMPTS[0])), "base", n, loop=Direct())  # noqa: E731
+    model, tokenizer, _, _ = load_prompter(prompter / "lora", torch.float32)
+    engine = type("Slow", (Recording,), {"delay": 0.02})(model, tokenizer, {"base": None}, max_batch=1)
+    make = lambda n: Request(tokenizer.encode(format_prompt(PROMPTS[0])), "base", n)  # noqa: E731
     running, waiting = make(24), make(4)
     engine.submit([running, waiting])
     for _ in range(300):
-        if engine.active:
+        if engine.rows:
             break
         time.sleep(0.01)
     assert len(engine.queue) == 1  # one row at most: the second waits
@@ -292,7 +307,7 @@ def test_a_waiting_job_whose_client_left_stops_counting_against_the_queue(prompt
         if not engine.queue:
             break
         time.sleep(0.01)
-    assert not engine.queue and engine.active == 1  # dropped at the next step, while the first still decodes
+    assert not engine.queue and len(engine.rows) == 1  # dropped at the next step, while the first still decodes
 
 
 def test_a_request_arriving_mid_decode_joins_at_the_next_step_and_equals_its_solo_reply(prompter, monkeypatch):
@@ -322,10 +337,10 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
     next(iter(stream))
     for _ in range(200):  # until its row decodes (40 steps of 80 ms), alone: --max-batch 1
-        if engine.active:
+        if engine.rows:
             break
         time.sleep(0.01)
-    assert engine.active == 1
+    assert len(engine.rows) == 1
     waiting = threading.Thread(target=lambda: chat(client, PROMPTS[1], max_tokens=2))
     waiting.start()
     for _ in range(200):
@@ -342,10 +357,10 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     waiting.join(timeout=10)
     assert not waiting.is_alive()
     for _ in range(100):
-        if engine.active == 0:
+        if not engine.rows:
             break
         time.sleep(0.02)
-    assert engine.active == 0 and len(engine.left) == 2 and max(engine.steps) == 1
+    assert not engine.rows and len(engine.left) == 2 and max(engine.steps) == 1
     why, tokens = engine.left[0]
     assert why == "cancelled" and tokens < 20  # the stream's row stopped when its client left, not after 40
 

@@ -120,7 +120,8 @@ def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
     server = server_factory(delay=0.15)
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, str(ROOT / "target_data.py"), "--base-url", server.url, "--model", "target-1",
-            "--out", str(out), "--data", str(prompts_file), "--api-key-env", "TEST_KEY", "--concurrency", "2", "--cache", ""]
+            "--out", str(out), "--data", str(prompts_file), "--api-key-env", "TEST_KEY", "--concurrency", "2",
+            "--cache", ""]
     env = {"TEST_KEY": KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 20

@@ -8,9 +8,9 @@ import torch
 import lora
 import phi2
 import prompts
-import runs
 import train_sft
 from prompts import DEFAULT_DATA
+from support import training
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_training_lowers_validation_loss_and_leaves_the_base_alone(data, tmp_pat
         if ".lora_" in name:
             continue
         assert torch.equal(tensor, base[name]), name
-    assert any(not torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) for m in lora.lora_modules(result["model"]).values())
+    modules = lora.lora_modules(result["model"]).values()
+    assert any(not torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) for m in modules)
     for folder in ("best", "last"):
         assert (tmp_path / folder / "adapter_model.safetensors").exists()
         assert json.loads((tmp_path / folder / "adapter_config.json").read_text())["r"] == 8
@@ -65,7 +66,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(data, tmp_path):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     cfg = config(data, tmp_path, max_steps=10, save_interval=1, lr=1e6, grad_clip=1e9, warmup_steps=1,
                  precision="fp32")
-    with pytest.raises(runs.TrainingError, match=r"training diverged at step \d+ .*; stopped, and the last good checkpoint"):
+    with pytest.raises(training.TrainingError,
+                       match=r"training diverged at step \d+ .*; stopped, and the last good checkpoint"):
         train_sft.main(cfg)
     from safetensors import safe_open
     with safe_open(tmp_path / "state.safetensors", "pt") as f:
@@ -77,29 +79,28 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_weight_after_the_optimizer_step_stops_training(bad, tmp_path):
     w = torch.nn.Parameter(torch.full((1000,), 1e20))  # large but finite: not a divergence by itself
-    cfg = runs.RunConfig(run_dir=str(tmp_path), device="cpu", precision="fp32", batch_size=1, grad_accum=1,
-                         max_steps=5, log_interval=1, eval_interval=100, save_interval=100)
-    run = runs.Run(cfg, tmp_path / "out")
-    examples = [prompts.Example([1, 2], [1, 2])] * 5
-    run.begin(None, {"w": w}, examples, [], "none", what="test", evaluate=None, save=lambda path: None)
-    with pytest.raises(runs.TrainingError, match="training diverged at step 2"), run:
-        for value in (1.0, bad):  # step 1 leaves a finite weight and goes through; step 2 does not
-            for _ in next(run.steps()):
-                run.backward((w * 0).sum() + 0.5)  # a finite loss and zero gradients: the step keeps w as it is
+    cfg = training.RunConfig(run_dir=str(tmp_path), device="cpu", precision="fp32", batch_size=1, grad_accum=1,
+                             max_steps=5, log_interval=1, eval_interval=100, save_interval=100)
+    run = training.Run.open(cfg, tmp_path / "out")
+    plan = training.Plan(cfg, [prompts.Example([1, 2], [1, 2])] * 5)
+    with training.Log(run, plan, 0, {}, {}) as log, pytest.raises(training.TrainingError,
+                                                                  match="training diverged at step 2"):
+        for step, value in enumerate((1.0, bad), 1):  # step 1 leaves a finite weight and goes through; 2 does not
             with torch.no_grad():
                 w[417] = value
-            run.optimizer_step()
+            log.add(step, torch.tensor(0.5), torch.tensor(0.0))  # a finite loss and gradient norm
+            log.check({"w": w})
 
 
 def test_refusals(data, tmp_path):
-    with pytest.raises(runs.TrainingError, match="use --model tiny to run offline"):
+    with pytest.raises(training.TrainingError, match="use --model tiny to run offline"):
         train_sft.main(config(data, tmp_path / "x", model=str(tmp_path / "no-phi2")))
-    with pytest.raises(runs.TrainingError, match="nothing to resume"):
+    with pytest.raises(training.TrainingError, match="nothing to resume"):
         train_sft.main(config(data, tmp_path / "y", resume=True))
     train_sft.main(config(data, tmp_path / "z", max_steps=2))
-    with pytest.raises(runs.TrainingError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(training.TrainingError, match="already holds a run; continue it with --resume"):
         train_sft.main(config(data, tmp_path / "z", max_steps=2))
-    with pytest.raises(runs.TrainingError, match="was started with --rank 8, not 16"):
+    with pytest.raises(training.TrainingError, match="was started with --rank 8, not 16"):
         train_sft.main(config(data, tmp_path / "z", max_steps=4, rank=16, resume=True))
 
 
@@ -115,14 +116,15 @@ def test_without_validation_out_holds_the_final_weights_after_a_resume(data, tmp
     from safetensors.torch import load_file
     out, last = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("best", "last"))
     assert out.keys() == last.keys() and all(torch.equal(out[k], last[k]) for k in out)
-    with pytest.raises(runs.TrainingError, match="already at step 4, with nothing left to do"):
+    with pytest.raises(training.TrainingError, match="already at step 4, with nothing left to do"):
         train_sft.main(config(data, tmp_path, resume=True, **cfg))
 
 
 def test_resume_refuses_an_auto_precision_that_resolves_differently(data, tmp_path, monkeypatch):
-    import hardware
+    from support import hardware
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: False)
     train_sft.main(config(data, tmp_path, max_steps=3, stop_after=1, device="cpu"))
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: True)  # the same run, resumed on an AMX machine
-    with pytest.raises(runs.TrainingError, match="was trained in fp32 on cpu, but here --precision auto means bf16"):
+    with pytest.raises(training.TrainingError,
+                       match="was trained in fp32 on cpu, but here --precision auto means bf16"):
         train_sft.main(config(data, tmp_path, max_steps=3, resume=True, device="cpu"))

@@ -91,7 +91,7 @@ class Cache:
 def add_request_args(p, defaults):
     """The flags of every command that calls an LLM: concurrency, timeout, retries, backoff, cache (the
     defaults from the command's config: it has fields of these names)."""
-    import cli
+    from support import cli
     d = defaults
     p.add_argument("--concurrency", type=cli.positive_int, default=d.concurrency, help="requests in flight at most")
     p.add_argument("--timeout", type=cli.positive_float, default=d.timeout, help="seconds per request")

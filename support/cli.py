@@ -10,8 +10,8 @@ import argparse
 import math
 import sys
 
-from hardware import DEVICES, PRECISIONS
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
+from support.hardware import DEVICES, PRECISIONS
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,9 +30,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=first, formatter_class=_ShowDefaults)
 
 
-def add_hardware_args(p: argparse.ArgumentParser):
-    p.add_argument("--device", default="auto", help=f"where to compute: {DEVICES} (auto: CUDA, then MPS, then CPU)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+def add_hardware_args(p: argparse.ArgumentParser, d=None):
+    """--device and --precision, with the defaults of d (a config with fields of these names; else auto)."""
+    p.add_argument("--device", default=d.device if d else "auto",
+                   help=f"where to compute: {DEVICES} (auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--precision", default=d.precision if d else "auto", choices=PRECISIONS,
                    help="auto: bf16 where the hardware runs it natively, fp16 + gradient scaling on CUDA GPUs "
                         "without bf16, else fp32")
 

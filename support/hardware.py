@@ -10,6 +10,7 @@ picks a device or dtype of its own.
 """
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -140,6 +141,13 @@ def resolve(device: str = "auto", precision: str = "auto") -> Hardware:
         _warned.add(warning)
         print(f"warning: {warning}", file=sys.stderr)
     return Hardware(dev, precision, f"{how}; --precision {precision} as asked")
+
+
+def memory_gb(device: torch.device) -> float:
+    """The device's memory in GB: the GPU's, or the machine's for the CPU (and MPS, which shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

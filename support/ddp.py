@@ -46,6 +46,12 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
+    def mean(self, total: float, count: int, device: torch.device) -> float:
+        """total / count, each summed over the processes."""
+        sums = self.sum_(torch.tensor([total, count], dtype=torch.float64, device=device))
+        total, count = sums.tolist()
+        return total / max(count, 1)
+
     def gather(self, tensor: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
         """Every process's copy of tensor (same shape everywhere), on the CPU; sent through device (nccl
         moves CUDA tensors only)."""
