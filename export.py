@@ -12,11 +12,15 @@ computed in float64 and written in --dtype. The folder is a standard Phi-2 check
 config.json, safetensors shards and index as transformers writes them, the tokenizer files, a README naming
 the base and the adapters) that PhiForCausalLM loads and vLLM serves, with tensor parallelism across GPUs.
 --no-head exports stage 1 alone. The folder is written beside --out and renamed into place when complete.
+It holds a marker, .phi2-prompter-export.json, listing the files written; --overwrite replaces only a folder
+that holds that marker and nothing but the files it lists (or nothing at all), and refuses anything else.
 """
 
 import json
+import os
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from support.prompter import Prompter, add_args, base_folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MARKER = ".phi2-prompter-export.json"  # in every export: its id and the files it wrote
+MARKER_FORMAT = "phi2-prompter export v1"
 
 
 @dataclass
@@ -78,14 +84,16 @@ def main(cfg: ExportConfig) -> Path:
         raise UsageError(f"--out {cfg.out} exists; choose another folder, or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file; --out is the folder to write")
+    above = next(p for p in out.parents if p.exists())  # where the folders to make begin
+    if not above.is_dir():
+        raise UsageError(f"--out {cfg.out}: {above} is a file, so no folder can go there; choose another --out")
     folder = base_folder(cfg.model, cfg.lora)
     for given in (folder, cfg.lora, cfg.head):
         if given and (out == Path(given).resolve() or out in Path(given).resolve().parents):
             raise UsageError(f"--out {cfg.out} holds an input ({given}), which replacing it would delete; "
                              "choose another folder")
-    if out.exists() and any(out.iterdir()) and not _ours(out):
-        raise UsageError(f"--out {cfg.out} holds files export.py did not write; --overwrite only replaces an "
-                         "earlier export: choose another folder")
+    if out.exists():
+        _owned_files(out, cfg.out)  # refused now, before the model loads, if the folder is not an export's
     base_config = json.loads((folder / "config.json").read_text())
     stored = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
     stored = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored.removeprefix("torch."), torch.float32)
@@ -112,28 +120,75 @@ def main(cfg: ExportConfig) -> Path:
         if key in rope:
             base_config.setdefault(key, rope[key])
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf_tensors(tensors, base_config, tmp, max_shard_bytes=int(cfg.shard_gb * 1e9))
-    for name in TOKENIZER_FILES:
-        if (folder / name).exists():
-            shutil.copyfile(folder / name, tmp / name)
-    (tmp / "README.md").write_text(readme(cfg, folder, prompter.base_fingerprint, prompter.stage1, target, dtype))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.partial")  # a new name: nothing of anyone's
+        tmp.mkdir()
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot make a folder beside it ({e.strerror}); choose another --out") \
+            from None
+    try:
+        save_hf_tensors(tensors, base_config, tmp, max_shard_bytes=int(cfg.shard_gb * 1e9))
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+        (tmp / "README.md").write_text(readme(cfg, folder, prompter.base_fingerprint, prompter.stage1, target,
+                                              dtype))
+        marker = {"format": MARKER_FORMAT, "id": uuid.uuid4().hex, "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _replace(out, tmp, cfg.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # made above under a new name: only ours (gone once renamed)
     print(f"wrote {out}: Phi-2 with {'the stage-1 adapter merged' if cfg.lora else 'no stage-1 adapter'}"
           f"{f' and the {target} head folded in' if target else ''}, {str(dtype).removeprefix('torch.')}",
           file=sys.stderr)
     return out
 
 
-def _ours(folder: Path) -> bool:
-    """Whether folder is an earlier export (its README is the one readme() writes)."""
+def _owned_files(folder: Path, flag: str) -> list[str]:
+    """The names in folder, if it is provably an earlier export: its marker is there and everything else is a
+    plain file the marker lists (or the folder is empty). Anything else is refused, in one line."""
+    refuse = UsageError(f"--out {flag} holds files export.py did not write; --overwrite only replaces an earlier "
+                        f"export (a folder with its {MARKER} and only the files it lists): choose another folder")
     try:
-        return (folder / "README.md").read_text(encoding="utf-8").startswith("# phi2-prompter")
-    except (OSError, UnicodeDecodeError):
-        return False
+        entries = {e.name: e.is_file(follow_symlinks=False) for e in os.scandir(folder)}
+        if not entries:
+            return []
+        if not entries.get(MARKER):
+            raise refuse
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deep
+        raise refuse from None
+    listed = marker.get("files") if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    if not isinstance(listed, list) or not all(
+            plain and (name == MARKER or name in listed) for name, plain in entries.items()):
+        raise refuse
+    return sorted(entries)
+
+
+def _replace(out: Path, new: Path, flag: str):
+    """Rename new onto out; an earlier export there is moved aside first and only its own files removed."""
+    if not out.exists():
+        new.rename(out)
+        return
+    _owned_files(out, flag)  # again: the folder may have changed while the model was loading
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.old")
+    out.rename(old)
+    new.rename(out)
+    try:
+        names = _owned_files(old, flag)  # what is there now: if anything was added since the check, nothing goes
+    except UsageError:
+        names = None
+    if names is not None:
+        for name in names:
+            (old / name).unlink()
+        try:
+            old.rmdir()
+            return
+        except OSError:
+            pass
+    print(f"warning: the earlier export at {flag} held files export.py did not write by the time it was replaced; "
+          f"it is kept whole in {old}", file=sys.stderr)
 
 
 def readme(cfg: ExportConfig, base: Path, base_fingerprint: str, stage1: str, target, dtype) -> str:

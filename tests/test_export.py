@@ -2,6 +2,7 @@
 PhiForCausalLM loads to give our stack's logits (base + LoRA + head, fp32) and its greedy tokens."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -75,3 +76,50 @@ def test_no_head_exports_stage_one_and_refusals(prompter, tmp_path):
                                        "--overwrite"]))
     assert (prompter / "lora" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob(".*partial"))
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_never_removes_a_folder_it_did_not_write(prompter, tmp_path):
+    """The project's own checkout has a README starting '# phi2-prompter': --overwrite refuses it, untouched,
+    as it refuses an export with anything added to it; an untouched earlier export is replaced."""
+    args = ["--lora", str(prompter / "lora"), "--no-head", "--overwrite", "--out"]
+    checkout = tmp_path / "checkout"
+    (checkout / ".git" / "objects").mkdir(parents=True)
+    (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (checkout / "README.md").write_text("# phi2-prompter\n\nLearned prompt optimisation on Phi-2.\n")
+    (checkout / "notes.txt").write_text("uncommitted work\n")
+    checkout_before = _tree(checkout)
+    with pytest.raises(export.UsageError, match="did not write; --overwrite only replaces an earlier export") as e:
+        export.main(export.parse_args([*args, str(checkout)]))
+    assert "\n" not in str(e.value) and _tree(checkout) == checkout_before
+
+    out = export.main(export.parse_args([*args, str(tmp_path / "x")]))
+    marker = json.loads((out / export.MARKER).read_text())
+    assert sorted(marker["files"]) == sorted(p.name for p in out.iterdir() if p.name != export.MARKER)
+    export.main(export.parse_args([*args, str(out)]))  # an untouched earlier export: replaced
+    assert json.loads((out / export.MARKER).read_text())["id"] != marker["id"]
+
+    # an export with a file, a folder or a link added, or a marker copied into another folder: refused, untouched
+    for extra in ("file", "folder", "link", "copied marker"):
+        target = tmp_path / f"case-{extra.replace(' ', '-')}"
+        if extra == "copied marker":
+            shutil.copytree(checkout, target)
+            shutil.copy(out / export.MARKER, target / export.MARKER)
+        else:
+            shutil.copytree(out, target)
+            if extra == "file":
+                (target / "mine.txt").write_text("keep me")
+            elif extra == "folder":
+                (target / "sub").mkdir()
+            else:
+                (target / "README.md").unlink()
+                (target / "README.md").symlink_to(checkout / "notes.txt")
+        before = _tree(target)
+        with pytest.raises(export.UsageError, match="did not write"):
+            export.main(export.parse_args([*args, str(target)]))
+        assert _tree(target) == before, extra
+    assert _tree(checkout) == checkout_before
+    assert not list(tmp_path.glob(".*partial")) and not list(tmp_path.glob(".*old"))
