@@ -18,6 +18,34 @@ class ConfigError(UsageError):
     """A config.json that cannot describe a Phi-2 model; the message names the file and the key."""
 
 
+def parse_json(text: str, where, error=ConfigError, fix: str = "correct it"):
+    """The JSON value in text, or one line (error) saying where and why it is not JSON: a syntax error (with its
+    line), nesting too deep for the parser, or a number too long for Python's integer conversion."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}:{e.lineno}: not valid JSON ({e.msg}); {fix}") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply to read; {fix}") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise error(f"{where}: not readable as JSON ({str(e).split(':')[0]}); {fix}") from None
+
+
+def read_json(path, error=ConfigError, fix: str = "correct it", missing: str = ""):
+    """The JSON value in a user's file, or one line (error) naming the file: missing (then `missing` says what
+    belongs there), a folder, unreadable, not UTF-8, or not JSON as parse_json says."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file{f'; {missing}' if missing else ''}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text, so not JSON; {fix}") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise error(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    return parse_json(text, path, error, fix)
+
+
 @dataclass(frozen=True)
 class Phi2Config:
     n_layer: int = 32
@@ -83,12 +111,8 @@ class Phi2Config:
     def from_hf_json(cls, path) -> "Phi2Config":
         """Read a transformers `config.json` (model_type "phi"), either generation of its format."""
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file; a Phi-2 checkpoint folder holds a config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        hf = read_json(path, ConfigError, "download the checkpoint's config.json again",
+                       missing="a Phi-2 checkpoint folder holds a config.json")
         return cls._from_hf_dict(hf, source=str(path))
 
     @classmethod

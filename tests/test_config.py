@@ -93,3 +93,20 @@ def test_presets_by_exact_name():
     assert Phi2Config.from_name("phi-2", n_layer=2).n_layer == 2
     with pytest.raises(ConfigError, match="unknown preset 'phi2'; valid names: phi-2, tiny"):
         Phi2Config.from_name("phi2")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model_type": "phi", "hidden_size": 2560, "note": "caf\xe9"}', "not UTF-8 text, so not JSON"),  # Latin-1
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read"),
+    (b'{"hidden_size": ' + b"9" * 5000 + b"}", "not readable as JSON"),
+    (None, "cannot be read"),  # a folder named config.json
+])
+def test_unreadable_config_json_is_one_line(tmp_path, content, message):
+    path = tmp_path / "config.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        Phi2Config.from_hf_json(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
