@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi2.config import parse_json
 from phi2.errors import UsageError
 
 TEMPLATE = "System: Fix the following prompt. Prompt: {prompt}. Answer:"
@@ -48,6 +49,8 @@ def read_records(path) -> list[tuple[int, dict]]:
         return _read_records(path)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _read_records(path: Path) -> list[tuple[int, dict]]:
@@ -78,10 +81,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def _json_object(text, where):
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    obj = parse_json(text, where, DataError, "fix or remove the record", line=False)
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -100,6 +100,12 @@ def _json_list(text, path):
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_of(pos)}: JSON nested too deeply to read; fix or remove the record") \
+                from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise DataError(f"{path}:{line_of(pos)}: not readable as JSON ({str(e).split(':')[0]}); fix or remove "
+                            "the record") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line_of(pos)}: expected a JSON object, got {type(obj).__name__}")
         records.append((line_of(pos), obj))
@@ -154,6 +160,8 @@ def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
         return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     prompts = []
     for line, record in read_records(path):

@@ -18,13 +18,14 @@ class ConfigError(UsageError):
     """A config.json that cannot describe a Phi-2 model; the message names the file and the key."""
 
 
-def parse_json(text: str, where, error=ConfigError, fix: str = "correct it"):
+def parse_json(text: str, where, error=ConfigError, fix: str = "correct it", line: bool = True):
     """The JSON value in text, or one line (error) saying where and why it is not JSON: a syntax error (with its
-    line), nesting too deep for the parser, or a number too long for Python's integer conversion."""
+    line, unless where names one already: line=False), nesting too deep for the parser, or a number too long
+    for Python's integer conversion."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{where}:{e.lineno}: not valid JSON ({e.msg}); {fix}") from None
+        raise error(f"{where}{f':{e.lineno}' if line else ''}: not valid JSON ({e.msg}); {fix}") from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply to read; {fix}") from None
     except ValueError as e:  # an integer of more than 4300 digits

@@ -116,3 +116,24 @@ def test_duplicates_are_dropped_and_a_prompt_stays_on_one_side():
     assert duplicates == 2 and len(train) + len(val) == 90 and len(val) >= 9
     assert not {p.prompt for p in train} & {p.prompt for p in val}
     assert prompts.split_pairs(pairs, 0.1, seed=5) == (train, val, 2)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", b'{"prompt": "a", "improved": "b"}\n' + b"[" * 50_000 + b"\n", "d.jsonl:2: JSON nested too deeply"),
+    ("d.json", b'[\n{"prompt": "a", "improved": "b"},\n' + b'{"x": ' * 50_000, "d.json:3: JSON nested too deeply"),
+    ("d.jsonl", b'{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}\n", "d.jsonl:1: not readable as JSON"),
+    ("d.json", b'[{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}]", "d.json:1: not readable as JSON"),
+    ("d.jsonl", b'{"prompt": "caf\xe9", "improved": "b"}\n', "d.jsonl: not UTF-8 text; save it as UTF-8"),
+    ("d.txt", None, "d.txt: no such file"),
+    ("d.jsonl", None, "d.jsonl: no such file"),
+])
+def test_unreadable_data_files_stop_in_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()  # a folder where the file should be
+    else:
+        path.write_bytes(content)
+    for read in (prompts.read_pairs, prompts.read_prompts):
+        with pytest.raises(DataError, match=message) as e:
+            read(path)
+        assert "\n" not in str(e.value)
