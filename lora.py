@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from phi2.config import read_json
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.fused import Dropout, Linear, autocast_dtype
@@ -163,12 +164,9 @@ def read_adapter_config(folder) -> dict:
     if not path.exists():
         raise AdapterError(f"{path}: missing; a LoRA adapter folder holds adapter_config.json and "
                            "adapter_model.safetensors")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(f"{path}: not valid JSON; the adapter folder is damaged") from None
+    config = read_json(path, AdapterError, "the adapter folder is damaged: save or download it again")
     if not isinstance(config, dict):
-        raise AdapterError(f"{path}: not a JSON object; the adapter folder is damaged")
+        raise AdapterError(f"{path}: not a JSON object; the adapter folder is damaged: save or download it again")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are read")
     for key, default in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False),
@@ -178,13 +176,26 @@ def read_adapter_config(folder) -> dict:
         value = config.get(key)
         if value and value != default:  # absent, empty or the default: fine
             raise AdapterError(f"{path}: {key}={value!r} is not supported")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise AdapterError(f"{path}: r must be a positive integer and lora_alpha a positive number, got "
-                           f"r={r!r}, lora_alpha={alpha!r}")
-    if not isinstance(config.get("target_modules"), list):
-        raise AdapterError(f"{path}: target_modules must be a list of module names, got "
-                           f"{config.get('target_modules')!r}")
+
+    def number(value, integer=False):
+        return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+
+    modules, base = config.get("target_modules"), config.get("base_model_name_or_path")
+    dropout, rslora = config.get("lora_dropout"), config.get("use_rslora")
+    for key, ok, what in (
+            ("r", number(config.get("r"), integer=True) and config.get("r", 0) >= 1, "a positive integer"),
+            ("lora_alpha", number(config.get("lora_alpha")) and config.get("lora_alpha", 0) > 0, "a positive number"),
+            ("lora_dropout", dropout is None or number(dropout) and 0 <= dropout < 1, "a number in [0, 1)"),
+            ("use_rslora", rslora is None or isinstance(rslora, bool), "true or false"),
+            ("target_modules", isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules),
+             "a non-empty list of module names"),
+            ("base_model_name_or_path", base is None or isinstance(base, str) and base and "\0" not in base,
+             "a folder name or null")):
+        if not ok:
+            shown = json.dumps(config.get(key), ensure_ascii=False)
+            raise AdapterError(f"{path}: {key!r} is {shown if len(shown) <= 60 else shown[:57] + '...'}; it must be "
+                               f"{what}")
     return config
 
 
@@ -219,8 +230,8 @@ def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
         raise AdapterError(f"{file}: trained on another base model (fingerprint {expected}, this base is "
                            f"{fingerprint(model)}); load the base it was trained on")
 
-    inject(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-           config["target_modules"], config.get("use_rslora", False))
+    inject(model, config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0,
+           config["target_modules"], bool(config.get("use_rslora")))
     ours = {}
     for name, m in lora_modules(model).items():
         ours[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A

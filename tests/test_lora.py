@@ -137,7 +137,7 @@ def test_unsupported_adapter_configs(tiny_cfg, tmp_path):
     config = json.loads(path.read_text())
     for change, message in [({"use_dora": True}, "use_dora=True is not supported"),
                             ({"peft_type": "IA3"}, "only 'LORA' adapters are read"),
-                            ({"target_modules": ".*proj"}, "target_modules must be a list"),
+                            ({"target_modules": ".*proj"}, r"'target_modules' is \".\*proj\"; it must be a non-empty"),
                             ({"target_modules": ["c_attn"]}, r"no module named \['c_attn'\] in Phi-2")]:
         path.write_text(json.dumps({**config, **change}))
         with pytest.raises(lora.AdapterError, match=message):
@@ -170,3 +170,33 @@ def test_lora_gradients_match_peft(base):
         torch.testing.assert_close(m.lora_B.grad, ref, atol=1e-6, rtol=1e-4, msg=name)
         ref = pm.get_submodule(f"base_model.model.model.{name}.lora_A.default").weight.grad
         torch.testing.assert_close(m.lora_A.grad, ref, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": True}, "'r' is true; it must be a positive integer"),
+    ({"lora_alpha": float("nan")}, "'lora_alpha' is NaN; it must be a positive number"),
+    ({"lora_alpha": float("inf")}, "'lora_alpha' is Infinity; it must be a positive number"),
+    ({"lora_dropout": "0.1"}, "'lora_dropout' is \"0.1\"; it must be a number in \\[0, 1\\)"),
+    ({"lora_dropout": 1.5}, "'lora_dropout' is 1.5; it must be a number in \\[0, 1\\)"),
+    ({"use_rslora": "yes"}, "'use_rslora' is \"yes\"; it must be true or false"),
+    ({"target_modules": [["q_proj"]]}, "'target_modules' is \\[\\[\"q_proj\"\\]\\]; it must be a non-empty list"),
+    ({"target_modules": []}, "'target_modules' is \\[\\]; it must be a non-empty list"),
+    ({"base_model_name_or_path": 7}, "'base_model_name_or_path' is 7; it must be a folder name"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"[" * 100_000, "JSON nested too deeply"),
+    (b'{"r": ' + b"1" * 5000 + b"}", "not readable as JSON"),
+    (None, "cannot be read"),  # a folder where adapter_config.json should be
+])
+def test_every_adapter_config_field_is_checked_in_one_line(tiny_cfg, tmp_path, change, message):
+    lora.save_adapter(lora.inject(phi2.build_model(tiny_cfg), rank=4, alpha=8.0), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    if isinstance(change, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    elif change is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(change)
+    with pytest.raises(lora.AdapterError, match=message) as e:
+        lora.load_adapter(phi2.build_model(tiny_cfg), tmp_path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
