@@ -16,6 +16,7 @@ tokenizers or vocabularies.
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,8 +30,10 @@ from phi2.errors import UsageError
 from phi2.files import atomic_path
 from phi2.fused import Linear, linear_cross_entropy
 from phi2.model import Phi2
+from phi2.weights import DTYPES, open_checked
 
 FORMAT = "phi2-prompter head adapter v1"
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # train_head.py's rule for --target
 
 
 class HeadError(UsageError):
@@ -112,6 +115,8 @@ def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprin
 
 
 def read_metadata(path) -> dict:
+    """A head file's metadata, each field it is read for checked: a damaged or foreign file is one HeadError
+    naming the field."""
     path = Path(path)
     if not path.exists():
         raise HeadError(f"{path}: no such head file")
@@ -119,9 +124,23 @@ def read_metadata(path) -> dict:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
-        raise HeadError(f"{path}: not a safetensors file ({e})") from None
+        raise HeadError(f"{path}: not a safetensors file ({e}); heads are made by train_head.py") from None
     if metadata.get("format") != FORMAT:
         raise HeadError(f"{path}: not a head adapter (no '{FORMAT}' marker); heads are made by train_head.py")
+    number = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits only: int() would take other scripts' digits
+    for key, ok, what in (
+            ("target", TARGET_NAME.fullmatch(metadata.get("target", "")), "a target name (letters, digits, . _ -)"),
+            ("base_fingerprint", metadata.get("base_fingerprint"), "the base model's fingerprint"),
+            ("stage1_adapter", metadata.get("stage1_adapter"), "the stage-1 adapter's id, or 'none'"),
+            ("head_rank", metadata.get("head_rank") == "full" or number.fullmatch(metadata.get("head_rank", "")),
+             "'full' or a positive integer"),
+            ("hidden_size", number.fullmatch(metadata.get("hidden_size", "")), "a positive integer"),
+            ("vocab_size", number.fullmatch(metadata.get("vocab_size", "")), "a positive integer")):
+        if not ok:
+            value = metadata.get(key)
+            shown = "missing" if value is None else f"{value[:40]!r}{'...' if len(value) > 40 else ''}"
+            raise HeadError(f"{path}: metadata field {key!r} is {shown}, but must be {what}; the file is damaged "
+                            "(train the head again with train_head.py)")
     return metadata
 
 
@@ -138,14 +157,29 @@ def load_head(path, model: Phi2, base_fingerprints, stage1: str, dtype=None) -> 
     if metadata["stage1_adapter"] != stage1:
         raise HeadError(f"{path}: trained on stage-1 adapter {metadata['stage1_adapter']}, but the one in use is "
                         f"{stage1}; pass the --lora it was trained with")
+    config = model.config
+    for key, value in (("hidden_size", config.n_embd), ("vocab_size", config.vocab_size)):
+        if int(metadata[key]) != value:
+            raise HeadError(f"{path}: made for a model of {key} {metadata[key]}, this base has {value}; load the base "
+                            "it was trained on")
     rank = None if metadata["head_rank"] == "full" else int(metadata["head_rank"])
-    head = HeadAdapter(model.lm_head, rank, dtype=dtype or model.lm_head.weight.dtype)
-    with safe_open(path, framework="pt") as f:
+    head_names = ["lm_head.weight", "lm_head.bias"] if rank is None else ["lm_head.lora_A", "lm_head.lora_B"]
+    expected = {f"head_adapter.{n}" for n in ["adapter.weight", "adapter.bias", *head_names]}
+    with open_checked(path, HeadError) as f:  # the tensors' names, dtypes and shapes before any is read or made
+        header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        if set(header) != expected:
+            raise HeadError(f"{path}: holds {sorted(header)[:3]}..., expected {sorted(expected)[:3]}... for head_rank "
+                            f"{metadata['head_rank']}; the file is damaged")
+        for key, (kind, _) in header.items():
+            if kind not in DTYPES:
+                raise HeadError(f"{path}: tensor {key!r} has dtype {kind}; a head's are {', '.join(DTYPES)}: the file "
+                                "is damaged")
+        lora_a = header.get("head_adapter.lm_head.lora_A", (None, (rank, config.n_embd)))[1]
+        if lora_a != (rank, config.n_embd):
+            raise HeadError(f"{path}: tensor 'head_adapter.lm_head.lora_A' has shape {lora_a}, head_rank {rank} on "
+                            f"this base needs {(rank, config.n_embd)}; the file is damaged or for another model")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    expected = head.trained_tensors()
-    if set(tensors) != set(expected):
-        raise HeadError(f"{path}: holds {sorted(tensors)[:3]}..., expected {sorted(expected)[:3]}...; the file "
-                        "is damaged")
+    head = HeadAdapter(model.lm_head, rank, dtype=dtype or model.lm_head.weight.dtype)
     params = dict(head.named_parameters())
     lora.copy_checked({key: params[key.removeprefix("head_adapter.")] for key in expected}, tensors, path, HeadError)
     head.target = metadata["target"]

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -120,3 +121,45 @@ def test_head_and_adapter_files(tmp_path, checkpoint, data, tensors, metadata):
             lora.load_adapter(phi2.load_model(folder), adapter)
         except UsageError:
             pass
+
+
+def _head_file(path, model, metadata_changes=(), tensors=None, rank=None):
+    """A head saved as train_head.py saves it, then its metadata changed ({key: value, or None to drop it})."""
+    head_adapter.save_head(head_adapter.HeadAdapter(model.lm_head, rank), path, "t", model, "fp", "none")
+    with safe_open(path, "pt") as f:
+        metadata, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in dict(metadata_changes).items():
+        metadata.pop(key) if value is None else metadata.__setitem__(key, value)
+    save_file(saved if tensors is None else tensors(saved), path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("key, value", [
+    ("base_fingerprint", None), ("stage1_adapter", None), ("target", None), ("target", ""), ("target", "../x"),
+    ("head_rank", None), ("head_rank", "four"), ("head_rank", "0"), ("head_rank", "-2"), ("head_rank", "\u0664"),
+    ("head_rank", "99999999999"), ("hidden_size", None), ("hidden_size", "wide"), ("vocab_size", None),
+    ("vocab_size", "1e3"),
+])
+def test_every_head_metadata_field_is_checked_in_one_line(checkpoint, tmp_path, key, value):
+    model = phi2.load_model(checkpoint[0])
+    path = _head_file(tmp_path / "h.safetensors", model, {key: value})
+    with pytest.raises(head_adapter.HeadError, match=f"metadata field '{key}' is .*; the file is damaged") as e:
+        head_adapter.load_head(path, model, "fp", "none")
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(path))
+
+
+def test_head_metadata_and_tensors_that_disagree_with_the_base_or_each_other(checkpoint, tmp_path):
+    model = phi2.load_model(checkpoint[0])
+    path = tmp_path / "h.safetensors"
+    for changes, rank, tensors, message in [
+            ({"hidden_size": "16"}, None, None, "made for a model of hidden_size 16, this base has 8"),
+            ({"vocab_size": "33"}, None, None, "made for a model of vocab_size 33, this base has 32"),
+            ({"head_rank": "500000000"}, 2, None, "lora_A' has shape \\(2, 8\\), head_rank 500000000 on this"),
+            ({"head_rank": "full"}, 2, None, "expected .* for head_rank full; the file is damaged"),
+            ({}, None, lambda t: {**t, "head_adapter.adapter.bias": torch.zeros(8, dtype=torch.int32)},
+             "'head_adapter.adapter.bias' has dtype I32"),
+            ({}, None, lambda t: {**t, "head_adapter.adapter.bias": torch.zeros(9)}, "has shape \\(9,\\)")]:
+        _head_file(path, model, changes, tensors, rank)
+        with pytest.raises(head_adapter.HeadError, match=message):
+            head_adapter.load_head(path, model, "fp", "none")
+    assert head_adapter.load_head(_head_file(path, model, rank=3), model, "fp", "none").head_rank == 3
