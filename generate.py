@@ -11,6 +11,7 @@ in FILE.partial as they come so that a stopped run resumes where it was.
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
 
 def main(cfg: GenerateConfig) -> list[dict]:
     prompts = collect_prompts(cfg)
+    if cfg.out:
+        _check_out(cfg.out)  # before the model loads
     hw = hardware.resolve(cfg.device, cfg.precision)
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
     print(hw.describe(), file=sys.stderr)
@@ -185,6 +188,21 @@ def settings(cfg: GenerateConfig) -> dict:
             "heads": sorted(content_id(h) for h in cfg.heads)}
 
 
+def _check_out(out: str):
+    """One line if --out (or its FILE.partial) is a folder, or cannot be made because a file stands where a folder
+    of its path belongs, or that place is not writable."""
+    if Path(out).is_dir():
+        raise UsageError(f"--out {out} is a folder; --out names the file to write the results to: choose a file name")
+    if Path(out + ".partial").is_dir():
+        raise UsageError(f"--out {out}: {out}.partial, where the results go as they come, is a folder; choose "
+                         "another --out")
+    above = next(p for p in Path(out).absolute().parents if p.exists())  # where the folders to make begin
+    if not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is a file, so no folder can go there; choose another --out")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {above} is not writable; choose another --out")
+
+
 def _resume(partial: Path, prompts, targets, made_with: dict) -> dict:
     """Results already in FILE.partial from a stopped run, keyed by (prompt index, target); the file's first
     line holds the settings they were made with."""
@@ -192,22 +210,29 @@ def _resume(partial: Path, prompts, targets, made_with: dict) -> dict:
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": made_with}) + "\n")
         return {}
-    done, targets = {}, set(targets)
-    for n, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = partial.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+        raise UsageError(f"{partial}: {reason}, so not results generate.py wrote; delete it or choose another --out") \
+            from None
+    done, targets = {}, list(targets)  # a list: a record's target may be any JSON value, hashable or not
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the stop: that prompt runs again
+        except (ValueError, RecursionError):
+            continue  # a line cut short by the stop (or damaged): that prompt runs again
         if n == 1 and isinstance(record, dict) and "settings" in record:
-            was = json.loads(json.dumps(record["settings"]))
+            was = record["settings"] if isinstance(record["settings"], dict) else {"settings": record["settings"]}
+            was = json.loads(json.dumps(was))
             now = json.loads(json.dumps(made_with))
             changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             if changed:
                 raise UsageError(f"{partial}: results made with other settings ({', '.join(changed)} changed); "
                                  "rerun with those, or delete it or choose another --out")
             continue
-        i = record.get("index")
-        if (not isinstance(i, int) or i >= len(prompts) or record.get("input") != prompts[i][1]
+        i = record.get("index") if isinstance(record, dict) else None
+        if (type(i) is not int or not 0 <= i < len(prompts) or record.get("input") != prompts[i][1]
                 or record.get("target") not in targets):
             raise UsageError(f"{partial}:{n}: results for other prompts or heads; delete it or choose another --out")
         done[i, record["target"]] = record

@@ -163,3 +163,44 @@ def test_head_metadata_and_tensors_that_disagree_with_the_base_or_each_other(che
         with pytest.raises(head_adapter.HeadError, match=message):
             head_adapter.load_head(path, model, "fp", "none")
     assert head_adapter.load_head(_head_file(path, model, rank=3), model, "fp", "none").head_rank == 3
+
+
+@pytest.mark.parametrize("out", ["folder", "folder.partial-is-a-folder", "file/under-a-file.txt",
+                                 "file/deeper/results.txt"])
+def test_generate_out_that_cannot_be_written_stops_before_the_model_loads(tmp_path, monkeypatch, out):
+    import generate
+    from support.prompter import Prompter
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder.partial-is-a-folder.partial").mkdir()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(Prompter, "load", lambda *a, **k: pytest.fail("the model loaded before --out was checked"))
+    with pytest.raises(UsageError, match=r"^--out .* is a (folder|file)[;,] ") as e:
+        generate.main(generate.parse_args(["--out", str(tmp_path / out), "hello"]))
+    assert "\n" not in str(e.value)
+
+
+partial_lines = st.one_of(
+    json_values.map(json.dumps),
+    st.fixed_dictionaries({"index": st.integers(-3, 3) | st.booleans() | json_values,
+                           "input": st.sampled_from(["a", "b", "c"]) | json_values,
+                           "target": st.sampled_from([None, "t"]) | json_values}).map(json.dumps),
+    st.just("[" * 5000), st.just('{"index": ' + "1" * 5000 + "}"),
+    st.fixed_dictionaries({"settings": json_values}).map(json.dumps),
+    st.text(max_size=30))
+
+
+@FAST
+@given(lines=st.lists(partial_lines, max_size=5), raw=st.binary(max_size=40), use_raw=st.booleans())
+def test_generate_resume_reads_any_partial_file(tmp_path, lines, raw, use_raw):
+    """generate.py --out's FILE.partial, whatever it holds: the results in it, or one UsageError line."""
+    import generate
+    partial = tmp_path / "out.txt.partial"
+    partial.write_bytes(raw if use_raw else "\n".join(lines).encode())
+    prompts = [("argument 1", "a"), ("argument 2", "b"), ("argument 3", "c")]
+    try:
+        done = generate._resume(partial, prompts, [None, "t"], {"model": None})
+    except UsageError as e:
+        assert "\n" not in str(e) and str(e).startswith(str(partial))
+    else:
+        for (i, target), record in done.items():
+            assert 0 <= i < 3 and type(i) is int and record["input"] == prompts[i][1] and target in (None, "t")
