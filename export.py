@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from head_adapter import content_id
+from phi2.config import Phi2Config, read_json
 from phi2.errors import UsageError
 from phi2.weights import hf_to_ours, save_hf_tensors
 from support import cli
@@ -94,7 +95,8 @@ def main(cfg: ExportConfig) -> Path:
                              "choose another folder")
     if out.exists():
         _owned_files(out, cfg.out)  # refused now, before the model loads, if the folder is not an export's
-    base_config = json.loads((folder / "config.json").read_text())
+    Phi2Config.from_hf_json(folder / "config.json")  # a damaged one is one line, before anything loads
+    base_config = read_json(folder / "config.json")
     stored = str(base_config.get("torch_dtype") or base_config.get("dtype") or "float32")
     stored = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored.removeprefix("torch."), torch.float32)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else stored

@@ -2,6 +2,7 @@
 UsageError (whose message the CLIs print as one line), never another exception or a hang."""
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -204,3 +205,65 @@ def test_generate_resume_reads_any_partial_file(tmp_path, lines, raw, use_raw):
     else:
         for (i, target), record in done.items():
             assert 0 <= i < 3 and type(i) is int and record["input"] == prompts[i][1] and target in (None, "t")
+
+
+@pytest.fixture(scope="module")
+def export_inputs(tmp_path_factory):
+    """A base (with a tokenizer), a stage-1 adapter naming it, and a low-rank head: what export.py reads."""
+    from tests.conftest import TEXTS
+    root = tmp_path_factory.mktemp("fuzz-export")
+    config = phi2.Phi2Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=8, intermediate_size=16, vocab_size=512,
+                             block_size=16, rotary_dim=4)
+    model = phi2.build_model(config)
+    phi2.save_hf_checkpoint(model, root / "base")
+    phi2.train_tokenizer(TEXTS, config.vocab_size).save(root / "base")
+    base_fp = phi2.weights.fingerprint(model)
+    lora.inject(model, rank=2, alpha=4.0)
+    lora.save_adapter(model, root / "lora", base_path=(root / "base").resolve(), base_fingerprint=base_fp)
+    lora.merge(model)
+    head_adapter.save_head(head_adapter.HeadAdapter(model.lm_head, 2), root / "t.safetensors", "t", model, base_fp,
+                           head_adapter.stage1_id(root / "lora"))
+    return root
+
+
+EXPORT_FILES = ["base/config.json", "lora/adapter_config.json", "lora/adapter_model.safetensors", "t.safetensors"]
+json_damage = st.dictionaries(st.sampled_from(config_keys + ["r", "lora_alpha", "lora_dropout", "target_modules",
+                                                             "use_rslora", "base_model_name_or_path", "peft_type"]),
+                              json_values, min_size=1, max_size=3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(file=st.sampled_from(EXPORT_FILES), how=st.sampled_from(["bytes", "cut", "patch", "json"]),
+       data=st.binary(max_size=200), at=st.integers(0, 3000), changes=json_damage, model_flag=st.booleans())
+def test_export_inputs(export_inputs, tmp_path_factory, file, how, data, at, changes, model_flag):
+    """export.py on a damaged base config.json, adapter folder or head file: an export, or one UsageError line."""
+    import export
+    work = tmp_path_factory.mktemp("export-case")
+    for name in ("base", "lora"):
+        shutil.copytree(export_inputs / name, work / name)
+    shutil.copy(export_inputs / "t.safetensors", work / "t.safetensors")
+    lora_config = work / "lora" / "adapter_config.json"  # naming this copy of the base
+    lora_config.write_text(json.dumps({**json.loads(lora_config.read_text()),
+                                       "base_model_name_or_path": str(work / "base")}))
+    path = work / file
+    good = path.read_bytes()
+    if how == "bytes":
+        path.write_bytes(data)
+    elif how == "cut":
+        path.write_bytes(good[:at % max(len(good), 1)])
+    elif how == "patch":
+        path.write_bytes(good[:at] + data + good[at + len(data):])
+    elif file.endswith(".json"):
+        path.write_text(json.dumps({**json.loads(good), **changes}))
+    else:
+        path.write_bytes(json.dumps(changes).encode())
+    argv = ["--lora", str(work / "lora"), "--head", str(work / "t.safetensors"), "--out", str(work / "out"),
+            *(["--model", str(work / "base")] if model_flag else [])]
+    try:
+        out = export.main(export.parse_args(argv))
+    except UsageError as e:
+        assert "\n" not in str(e) and not (work / "out").exists()
+    else:
+        assert (out / export.MARKER).is_file() and (out / "config.json").is_file()
+    assert not list(work.glob(".*partial"))
+    shutil.rmtree(work)
