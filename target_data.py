@@ -5,9 +5,10 @@ endpoint with an instruction to improve it, and (prompt, improved) pairs are wri
         --model mistral-small-latest --api-key-env MISTRAL_API_KEY --out data/mistral.jsonl
 
 Made for thousands of prompts: at most --concurrency requests in flight; 429, 5xx, timeouts and dropped
-connections are retried with exponential backoff (honouring Retry-After, up to 120 s); each result is appended and
-flushed as it arrives, so a crash loses nothing, and a rerun skips the prompts already done (and retries
-the ones that failed); Ctrl-C stops at once. Calls go through llm.py (the `openai` client, `pip install -e
+connections are retried with exponential backoff (honouring Retry-After, up to 120 s), but an endpoint that
+is not there at all is said in one line before any prompt is asked; each result is appended and flushed as
+it arrives, so a crash loses nothing, and a rerun skips the prompts already done (and retries the ones that
+failed); Ctrl-C stops at once. Calls go through llm.py (the `openai` client, `pip install -e
 ".[api]"`) and its cache (--cache), shared with evaluate.py. The API key is read from an environment
 variable and never printed or written.
 """
@@ -32,6 +33,7 @@ from support.llm import (  # noqa: F401
     RequestFailed,
     add_request_args,
     concurrently,
+    has_lone_surrogate,
     request_settings,
 )
 
@@ -107,8 +109,12 @@ def load_done(out: Path) -> set:
 
 
 def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
-    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, **request_settings(cfg, sleep))
+    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, flag="--base-url", **request_settings(cfg, sleep))
     prompts = read_prompts(cfg.data, cfg.field)[: cfg.limit]
+    for source, prompt in prompts:  # else the request cannot be encoded, and a rerun would fail on it again
+        if has_lone_surrogate(prompt):
+            raise TargetDataError(f"{source}: the prompt holds a lone surrogate (an escape such as \\ud800 without "
+                                  "its pair), which is not text; fix or remove it")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = load_done(out)
@@ -119,6 +125,8 @@ def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
             seen.add(prompt)
     print(f"{len(prompts)} prompts: {len(prompts) - len(todo)} already in {out}, {len(todo)} to ask {cfg.model}",
           file=sys.stderr)
+    if todo:
+        target.probe()  # one line if nothing is there, rather than every prompt retried for minutes
 
     def improve(item):
         messages = [{"role": "system", "content": cfg.instruction}, {"role": "user", "content": item[1]}]

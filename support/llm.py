@@ -9,8 +9,12 @@
   Lines are appended as answers arrive (a crash loses only what was in flight) and a line cut short is
   skipped on reading.
 - **Retries.** 429, 5xx, timeouts, dropped connections and malformed replies are retried with exponential
-  backoff and jitter, honouring Retry-After up to MAX_RETRY_AFTER; after max_retries a RequestFailed says
-  why, and the run goes on without that answer. A refused key stops the run (LLMError, one line).
+  backoff and jitter (each wait at most MAX_BACKOFF), honouring Retry-After up to MAX_RETRY_AFTER; after
+  max_retries a RequestFailed names the endpoint and why, and the run goes on without that answer. A refused
+  key stops the run (LLMError, one line).
+- **Before the work.** A URL that is not http(s) with a host is refused when the LLM is made, and `probe()`
+  (one GET, no key) tells a server that is not there from one that is, so that a command says so in one
+  line before it spends minutes on a prompter or on retries.
 - **Keys.** Read from the environment only, sent only to the endpoint's own origin (a redirect elsewhere is
   refused), and replaced by *** in every answer, message and file this module writes.
 - **Concurrency.** `Pool` (and `concurrently`, for a fixed list) runs calls on daemon threads, taking new work
@@ -23,6 +27,7 @@ import json
 import os
 import queue
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -31,11 +36,15 @@ from pathlib import Path
 from phi2.errors import UsageError
 
 MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this, so none can hang a run
+MAX_BACKOFF = 60.0  # seconds: the longest wait of our own between retries (2**20 of them would be 12 days)
+PROBE_TIMEOUT = 10.0  # seconds the probe waits for a connection
+_SURROGATE = re.compile("[\ud800-\udfff]")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2-prompter" / "llm.jsonl"
 
 
 class LLMError(UsageError):
-    """A call that cannot work at all (no key, key refused, redirect refused, no `openai`): stops the run."""
+    """A call that cannot work at all (a bad URL, no server there, no key, key refused, redirect refused, no
+    `openai`): stops the run."""
 
 
 class RequestFailed(Exception):
@@ -46,6 +55,32 @@ class _Retryable(Exception):
     def __init__(self, message, retry_after=None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether text holds half a surrogate pair (JSON's "\\ud800" escape alone): such a string is not Unicode
+    text, cannot be encoded as UTF-8, and so can be neither sent to an endpoint nor written to a file."""
+    return _SURROGATE.search(text) is not None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def checked_url(url, flag: str = "the URL") -> str:
+    """url without its trailing slash, or an LLMError naming flag: a URL without a scheme (127.0.0.1:8000/v1)
+    would otherwise be tried for minutes as a connection error, or taken for a redirect to another origin."""
+    example = "e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1"
+    if not isinstance(url, str) or any(c.isspace() or not c.isprintable() for c in url):
+        raise LLMError(f"{flag} {ascii(url)}: not a URL; give an http:// or https:// URL, {example}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise LLMError(f"{flag} {url}: give an http:// or https:// URL with a host, {example}")
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError as e:
+        raise LLMError(f"{flag} {url}: {e}; give an http:// or https:// URL, {example}") from None
+    return url.rstrip("/")
 
 
 def _origin(url) -> tuple:
@@ -66,7 +101,9 @@ class Cache:
             for line in data.splitlines():
                 try:
                     record = json.loads(line)
-                    self.answers[record["key"]] = record["answer"]
+                    answer = record["answer"]
+                    if isinstance(answer, str) and not has_lone_surrogate(answer):  # else not ours: asked again
+                        self.answers[record["key"]] = answer
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a crash, or not ours: asked again if needed
         else:
@@ -110,13 +147,16 @@ class LLM:
     """One model at one OpenAI-compatible endpoint; chat(messages, **params) -> the reply's text."""
 
     def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", *, cache: Cache | None = None,
-                 timeout: float = 60.0, max_retries: int = 6, retry_base: float = 1.0, sleep=time.sleep):
-        self.base_url, self.model, self.key_env = base_url.rstrip("/"), model, key_env
+                 timeout: float = 60.0, max_retries: int = 6, retry_base: float = 1.0, sleep=time.sleep,
+                 flag: str = "the URL"):
+        """flag: how the user gave base_url (--target-url), for the message if it is not a URL."""
+        self.base_url, self.model, self.key_env = checked_url(base_url, flag), model, key_env
         self.key = os.environ.get(key_env, "")
         if not self.key:
             raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
                            "another one with the --...-key-env flag); it is not set")
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
+        self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary
         try:
             import openai
@@ -132,9 +172,25 @@ class LLM:
 
         # plain http (a local server) needs no TLS context: building one loads the CA store, 90 ms
         tls = {} if origin[0] == "https" else {"verify": False}
-        http = openai.DefaultHttpxClient(event_hooks={"request": [same_origin]}, timeout=timeout, **tls)
+        self.http = openai.DefaultHttpxClient(event_hooks={"request": [same_origin]}, timeout=timeout, **tls)
         self.client = openai.OpenAI(api_key=self.key, base_url=self.base_url, max_retries=0, timeout=timeout,
-                                    http_client=http)
+                                    http_client=self.http)
+
+    def probe(self):
+        """One GET of {base_url}/models, without the key and through the client's own proxies: any HTTP answer,
+        an error status included, means a server is there (the first request checks the rest); a refused
+        connection, an unknown host or no connection within PROBE_TIMEOUT is an LLMError naming the URL, where
+        every request would otherwise be retried for minutes after the expensive work is done."""
+        try:
+            self.http.get(self.base_url + "/models", follow_redirects=False, timeout=min(self.timeout, PROBE_TIMEOUT))
+        except Exception as e:  # by name: the client's transport is httpx, or httpx2 in newer openai releases
+            kinds = {kind.__name__ for kind in type(e).__mro__}
+            if kinds & {"ConnectError", "ConnectTimeout", "ProxyError", "UnsupportedProtocol"}:
+                raise LLMError(f"cannot reach {self.base_url} ({self.redact(_one_line(e))}): is the server "
+                               "running there, and is the URL right?") from None
+            if "HTTPError" not in kinds:
+                raise
+            # connected, but the answer was slow or not quite HTTP: the requests' retries deal with that
 
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
@@ -142,24 +198,33 @@ class LLM:
     def chat(self, messages: list[dict], **params) -> str:
         """The reply to messages, from the cache or the endpoint (with retries)."""
         request = {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
-        key = Cache.key(request) if self.cache else None
+        try:  # the key's encoding also proves the request is Unicode text, as UTF-8 JSON needs
+            key = Cache.key(request)
+        except UnicodeEncodeError:
+            raise RequestFailed(f"{self.base_url}: the request holds a lone surrogate (half a UTF-16 pair), "
+                                "which is not text and cannot be sent") from None
         if self.cache and (answer := self.cache.get(key)) is not None:
             return answer
         last = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                delay = self.retry_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # jitter
-                self.sleep(max(delay, min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
+                self.sleep(max(self.backoff(attempt), min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
             try:
                 answer = self._call(messages, params)
                 break
             except _Retryable as e:
                 last = e
         else:
-            raise RequestFailed(f"gave up after {self.max_retries} retries: {last}")
+            raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}")
         if self.cache:
             self.cache.put(key, request, answer)
         return answer
+
+    def backoff(self, attempt: int) -> float:
+        """The wait before retry number attempt (1, 2, ...): retry_base doubling each time up to MAX_BACKOFF,
+        times a jitter of 0.5 to 1, so that clients that failed together do not retry together. The exponent
+        stops growing long before a float would overflow."""
+        return min(self.retry_base * 2.0 ** min(attempt - 1, 64), MAX_BACKOFF) * random.uniform(0.5, 1.0)
 
     def _call(self, messages, params) -> str:
         openai = self.openai
@@ -176,14 +241,15 @@ class LLM:
                     from None
             if status == 429 or status >= 500:
                 raise _Retryable(f"HTTP {status} {detail[:120]}", _retry_after(e.response.headers)) from None
-            raise RequestFailed(f"HTTP {status} {detail}") from None
+            raise RequestFailed(f"{self.base_url}: HTTP {status} {detail}") from None
         except openai.APIConnectionError as e:  # refused, dropped, timed out, malformed reply
             cause = e.__cause__
             while cause is not None and not isinstance(cause, LLMError):
                 cause = cause.__cause__ or cause.__context__
             if cause is not None:
                 raise cause from None  # the redirect refusal, as it was raised
-            raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
+            why = f" ({_one_line(e.__cause__)})" if e.__cause__ is not None else ""
+            raise _Retryable(self.redact(f"{type(e).__name__}: {e}{why}")) from None
         except openai.APIError as e:  # a 200 whose body is not a completion
             raise _Retryable(self.redact(f"{type(e).__name__}: {e}")) from None
         if isinstance(reply, (str, bytes)):  # a JSON body sent without a JSON content type
@@ -197,7 +263,9 @@ class LLM:
             raise _Retryable("the reply had no choices[0].message.content") from None
         if not isinstance(text, str) or not text.strip():
             raise _Retryable("the reply was empty")
-        return self.redact(text.strip())  # a server that echoes the key gets it written as *** and nowhere else
+        # a server that echoes the key gets it written as *** and nowhere else; half a surrogate pair (a "\\ud800"
+        # escape alone) is no text, and would stop the cache and every file from being written
+        return _SURROGATE.sub("\ufffd", self.redact(text.strip()))
 
 
 def _retry_after(headers) -> float | None:

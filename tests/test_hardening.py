@@ -88,9 +88,10 @@ def test_retry_after_is_capped(servers, tmp_path, monkeypatch):
 
 def test_a_malformed_status_line_or_a_cut_body_is_retried(tmp_path, monkeypatch):
     """A raw socket server: first a garbage status line, then a body shorter than its Content-Length, then
-    a good answer. The run writes the pair, with no traceback."""
+    a good answer (after the start-up probe's 404). The run writes the pair, with no traceback."""
     body = json.dumps(REPLY).encode()
-    answers = [b"garbage\r\n\r\n",
+    answers = [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+               b"garbage\r\n\r\n",
                b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + body[:10],
                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
     listener = socket.socket()
@@ -283,3 +284,72 @@ def test_adapters_and_heads_from_before_the_sign_bit_fingerprint_still_load(tiny
     assert prompter.add_head(tmp_path / "h.safetensors").target == "t"
     with pytest.raises(lora.AdapterError, match="trained on another base model"):
         Prompter.load(None, tmp_path / "other")
+
+
+# ------------------------------------------------ the second round: support/llm.py and target_data.py
+
+
+def test_backoff_is_capped_keeps_its_jitter_and_never_overflows(monkeypatch):
+    """--max-retries 20 once waited up to 2**19 s (6 days) between two tries; --max-retries 2000 overflowed."""
+    from support.llm import LLM, MAX_BACKOFF, RequestFailed, _Retryable
+    monkeypatch.setenv("TEST_KEY", KEY)
+    slept = []
+    llm = LLM("http://127.0.0.1:9/v1", "m", "TEST_KEY", max_retries=2000, retry_base=1.0, sleep=slept.append)
+    monkeypatch.setattr(llm, "_call", lambda messages, params: (_ for _ in ()).throw(_Retryable("HTTP 503")))
+    with pytest.raises(RequestFailed, match=r"http://127.0.0.1:9/v1: gave up after 2000 retries: HTTP 503"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    assert len(slept) == 2000 and max(slept) <= MAX_BACKOFF
+    assert 0.5 <= slept[0] <= 1.0 and 8 <= slept[4] <= 16  # doubling from retry_base, with jitter
+    late = slept[-100:]
+    assert min(late) >= MAX_BACKOFF / 2 and len(set(late)) == 100  # capped, and still spread out
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000/v1", "localhost:8000/v1", "ftp://127.0.0.1/v1", "http:///v1",
+                                 "http://127.0.0.1:port/v1", "http://127.0.0.1:8000 /v1", ""])
+def test_a_url_that_is_not_http_with_a_host_is_one_line_at_start(tmp_path, monkeypatch, url):
+    """Was: retried for minutes as a connection error, or refused as a redirect to another origin."""
+    slept = []
+    with pytest.raises(target_data.LLMError, match=r"^--base-url .*give an http:// or https:// URL") as e:
+        run_target_data(url, tmp_path, monkeypatch, sleep=slept.append)
+    assert "\n" not in str(e.value) and not slept
+
+
+def test_an_endpoint_that_refuses_connections_is_named_before_any_prompt(tmp_path, monkeypatch):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    closed.close()  # nothing listens there now
+    slept = []
+    with pytest.raises(target_data.LLMError, match=rf"^cannot reach {url} \(.*refused.*\): is the server running"):
+        run_target_data(url, tmp_path, monkeypatch, sleep=slept.append)
+    assert not slept and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_failed_request_names_its_endpoint(servers, tmp_path, monkeypatch, capsys):
+    """A server that drops every chat request unanswered: the failure says where, and why."""
+    server = servers(lambda h: h.connection.close())
+    assert run_target_data(server.url + "/v1", tmp_path, monkeypatch, sleep=lambda s: None)["failed"] == 1
+    err = capsys.readouterr().err
+    assert f"prompts.txt:1: {server.url}/v1: gave up after 6 retries: APIConnectionError" in err
+    assert "Server disconnected" in err  # the cause, not only "Connection error."
+
+
+def test_a_lone_surrogate_in_a_prompt_or_a_reply_is_no_traceback(servers, tmp_path, monkeypatch):
+    """Half a UTF-16 surrogate pair (a JSON "\\ud800" escape alone) cannot be encoded as UTF-8: a prompt holding
+    one is refused naming its line; a reply holding one is kept with U+FFFD in its place."""
+    monkeypatch.setenv("TEST_KEY", KEY)
+    server = servers(lambda h: send_json(h, 200, None, raw=b'{"choices": [{"message": {"content": "ok \\ud800!"}}]}'))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "half \\udc00 a pair"}\n')
+    cfg = dict(base_url=server.url + "/v1", model="m", out=str(tmp_path / "out.jsonl"), data=str(prompts),
+               api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0, cache=str(tmp_path / "cache.jsonl"))
+    with pytest.raises(target_data.TargetDataError, match=r"prompts.jsonl:2: the prompt holds a lone surrogate"):
+        target_data.main(target_data.TargetDataConfig(**cfg))
+    assert not server.requests
+    prompts.write_text('{"prompt": "fine"}\n')
+    assert target_data.main(target_data.TargetDataConfig(**cfg))["written"] == 1
+    assert json.loads((tmp_path / "out.jsonl").read_text())["improved"] == "ok \ufffd!"
+    from support.llm import LLM, RequestFailed
+    llm = LLM(server.url + "/v1", "m", "TEST_KEY", max_retries=0)
+    with pytest.raises(RequestFailed, match="lone surrogate"):  # any other caller: one request fails, not the run
+        llm.chat([{"role": "user", "content": "\ud800"}])
