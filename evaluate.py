@@ -6,8 +6,9 @@
         --instructions alpaca_eval.json --out runs/eval-mistral
 
 Each instruction is rewritten by the prompter (greedy, with the head for this target), or taken from
---rewrites FILE (any other optimiser's rewrites, or the instructions themselves as a control). The target
-answers the original and the rewrite. Pairwise (the default): the judge sees the original instruction and
+--rewrites FILE (any other optimiser's rewrites, or the instructions themselves as a control; of a file with
+several targets' rewrites, generate.py --json with several heads, those of --rewrites-target NAME). The
+target answers the original and the rewrite. Pairwise (the default): the judge sees the original instruction and
 both answers, in both orders; a verdict that changes with the order is a tie, and the optimised side's win
 rate is (W + T/2) / N with a seeded bootstrap 95% interval, overall and per category. With --reference
 (AlpacaEval's model_outputs.json) each answer is judged against the reference output instead, both
@@ -15,7 +16,8 @@ orders, and the table gives each side's win rate and their difference (paired bo
 table. A reply without exactly one verdict is counted as unparsed, never guessed.
 
 Every request goes through llm.py: cached on disk (--cache; a rerun, or a run adding a second target,
-repeats none), --concurrency at once, retried with backoff, keys from the environment only. --out gets
+repeats none), --concurrency at once, retried with backoff, keys from the environment only; each endpoint is
+probed once before the prompter loads, so that one that is not there is said at once. --out gets
 results.json, judgments.jsonl, report.html (one page to read every item side by side) and the table.
 """
 
@@ -36,7 +38,15 @@ from phi2.errors import UsageError
 from phi2.files import write_atomic
 from prompts import read_records
 from support import cli, hardware
-from support.llm import DEFAULT_CACHE, LLM, Pool, RequestFailed, add_request_args, request_settings
+from support.llm import (
+    DEFAULT_CACHE,
+    LLM,
+    Pool,
+    RequestFailed,
+    add_request_args,
+    has_lone_surrogate,
+    request_settings,
+)
 from support.prompter import Prompter, add_args
 
 JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
@@ -75,6 +85,7 @@ class EvalConfig:
     limit: int | None = None  # a seeded sample of N instructions
     seed: int = 0  # the sample and the bootstrap
     rewrites: str | None = None  # rewrites from a file instead of the prompter
+    rewrites_target: str | None = None  # of a rewrites file with several targets' rewrites, this one's
     reference: str | None = None  # AlpacaEval model_outputs.json: reference mode
     lora: str | None = None
     head: str | None = None
@@ -115,6 +126,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--seed", type=int, default=d.seed, help="for --limit's sample and the bootstrap")
     p.add_argument("--rewrites", help="rewrites from this file (fields instruction/input/prompt and "
                    "rewrite/output/improved) instead of the prompter")
+    p.add_argument("--rewrites-target", metavar="NAME", help="of a --rewrites file with rewrites for several "
+                   "targets (generate.py --json with several heads), those whose target is NAME")
     p.add_argument("--reference", help="AlpacaEval model_outputs.json: judge each answer against its reference")
     add_args(p, heads="one")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=d.max_new_tokens, help="longest rewrite")
@@ -137,9 +150,62 @@ def parse_args(argv=None) -> EvalConfig:
 
 @dataclass
 class Item:
-    source: str  # file:line
+    source: str  # its place in its file: file:line, or file #index in a JSON list; and its id if it has one
     instruction: str
     category: str | None = None
+    reference: str | None = None  # reference mode: the output its answers are judged against
+
+
+ID_FIELDS = ("id", "question_id")  # Vicuna's and MT-Bench's; shown with the item's place in the file
+
+
+def _records(path) -> list[tuple[str, dict]]:
+    """(where, record) for each record of a .jsonl, .json or .csv file: where is file:line, or file #index for
+    a JSON list (AlpacaEval's is one line: every item would be file:1). Whatever else reading the file
+    raises is one EvalError naming it."""
+    path = Path(path)
+    try:
+        records = read_records(path)
+    except UsageError:
+        raise
+    except OSError as e:
+        raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # an integer of 5000 digits, lists nested 10000 deep
+        raise EvalError(f"{path}: cannot be read as records ({_one_line(e)})") from None
+    if path.suffix.lower() == ".json":
+        return [(f"{path} #{i}", record) for i, (_, record) in enumerate(records)]
+    return [(f"{path}:{line}", record) for line, record in records]
+
+
+def _one_line(text, limit=200) -> str:
+    """text on one line and printable, for a message that quotes what a file holds."""
+    text = " ".join(str(text).split())
+    return (text if text.isprintable() else ascii(text)[1:-1])[:limit]
+
+
+def _fields(record: dict) -> str:
+    return _one_line(", ".join(map(str, record))) or "none"
+
+
+def _text(value: str, where: str, what: str) -> str:
+    """value stripped, or an EvalError when it holds half a surrogate pair (a JSON "\\ud800" escape alone):
+    no endpoint can be sent it and no file written with it, so the run would stop later with a traceback."""
+    if has_lone_surrogate(value):
+        raise EvalError(f"{where}: the {what} holds a lone surrogate (an escape such as \\ud800 without its "
+                        "pair), which is not text; fix or remove it")
+    return value.strip()
+
+
+def _named(where: str, record: dict) -> str:
+    """where, with the record's id when it has a short one."""
+    for name in ID_FIELDS:
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            continue
+        shown = _one_line(value, 40)
+        if shown and shown == str(value).strip():
+            return f"{where} (id {shown})"
+    return where
 
 
 def read_instructions(path, field=None) -> list[Item]:
@@ -150,39 +216,104 @@ def read_instructions(path, field=None) -> list[Item]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise EvalError(f"{path}: no such file")
-        lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
-        return [Item(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
-    items = []
-    for line, record in read_records(path):
-        where = f"{path}:{line}"
-        if field:
-            text = record.get(field)
-        elif "instruction" in record:
-            text, extra = record["instruction"], record.get("context") or record.get("input") or ""
-            if isinstance(text, str) and isinstance(extra, str) and extra.strip():
-                text = f"{text.strip()}\n\n{extra.strip()}"
-        else:
-            text = record.get("text", record.get("prompt"))
-        if not isinstance(text, str) or not text.strip():
-            raise EvalError(f"{where}: no instruction (fields: {', '.join(record)}); name its field with --field")
-        category = record.get("category") or record.get("dataset")
-        items.append(Item(where, text.strip(), str(category) if category else None))
+        try:
+            data = path.read_bytes()
+            lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")  # lines as an editor numbers them
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise EvalError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+        except OSError as e:
+            raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
+        items = [Item(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        items = [_item(where, record, field) for where, record in _records(path)]
     if not items:
         raise EvalError(f"{path}: no instructions")
     return items
 
 
-def read_pairs_of(path, keys: tuple[str, ...], values: tuple[str, ...], what: str) -> dict[str, str]:
-    """{instruction: text} from records holding one of keys and one of values."""
-    found = {}
-    for line, record in read_records(path):
+def _item(where: str, record: dict, field: str | None) -> Item:
+    if field:
+        text = record.get(field)
+    elif "instruction" in record:
+        text, extra = record["instruction"], record.get("context") or record.get("input") or ""
+        if isinstance(text, str) and isinstance(extra, str) and extra.strip():
+            text = f"{text.strip()}\n\n{extra.strip()}"
+    else:
+        text = record.get("text", record.get("prompt"))
+    if not isinstance(text, str) or not text.strip():
+        raise EvalError(f"{where}: no instruction (fields: {_fields(record)}); name its field with --field")
+    category = record.get("category") or record.get("dataset")
+    category = _text(str(category), where, "category") if category else None
+    return Item(_named(where, record), _text(text, where, "instruction"), category or None)
+
+
+REWRITE_KEYS, REWRITE_VALUES = ("instruction", "input", "prompt"), ("rewrite", "output", "improved")
+
+
+def _pairs(path, keys: tuple[str, ...], values: tuple[str, ...], what: str) -> list[tuple[str, str, str, dict]]:
+    """(where, key, value, record) for each record of path, holding one of keys and one of values."""
+    found = []
+    for where, record in _records(path):
         key = next((record[k] for k in keys if isinstance(record.get(k), str)), None)
         value = next((record[v] for v in values if isinstance(record.get(v), str)), None)
         if key is None or value is None:
-            raise EvalError(f"{path}:{line}: a {what} record needs one of {'/'.join(keys)} and one of "
-                            f"{'/'.join(values)} (fields: {', '.join(record)})")
-        found[key.strip()] = value.strip()
+            raise EvalError(f"{where}: a {what} record needs one of {'/'.join(keys)} and one of "
+                            f"{'/'.join(values)} (fields: {_fields(record)})")
+        found.append((where, _text(key, where, "instruction"), _text(value, where, what), record))
     return found
+
+
+def read_rewrites(path, target: str | None = None) -> dict[str, str]:
+    """{instruction: rewrite} from any optimiser's records (generate.py --json: input, output, target). Of a
+    file with rewrites for several targets (generate.py with several heads), those whose "target" is
+    `target`; without one such a file is refused, as is a second, different rewrite of an instruction:
+    keeping the last would evaluate a rewrite made for another target, and say nothing."""
+    rows = []
+    for where, key, value, record in _pairs(path, REWRITE_KEYS, REWRITE_VALUES, "rewrite"):
+        name = record.get("target")
+        if name is not None and not isinstance(name, str):
+            raise EvalError(f"{where}: its target is {type(name).__name__}, not a name")
+        rows.append((where, key, value, name))
+    names = sorted({name for *_, name in rows}, key=lambda n: (n is not None, n or ""))
+    shown = ", ".join("(none named)" if n is None else _one_line(n, 60) for n in names[:10])
+    if target is not None:
+        rows = [row for row in rows if row[3] == target]
+        if not rows:
+            raise EvalError(f"{path}: no rewrites for the target {_one_line(target)} (--rewrites-target); its "
+                            f"records' targets are: {shown or 'none'}")
+    elif len(names) > 1:
+        raise EvalError(f"{path}: rewrites for {len(names)} targets ({shown}); pick one with "
+                        "--rewrites-target NAME")
+    rewrites, first = {}, {}
+    for where, key, value, _ in rows:
+        if rewrites.setdefault(key, value) != value:
+            raise EvalError(f"{where}: another rewrite of the instruction of {first[key]}, not the same; keep one")
+        first.setdefault(key, where)
+    return rewrites
+
+
+def read_references(path) -> dict[str, list[str]]:
+    """{instruction: its reference outputs, in file order} from AlpacaEval's model_outputs.json: an
+    instruction asked twice may have two outputs, matched to the instruction's places in order."""
+    references = {}
+    for _, key, value, _ in _pairs(path, ("instruction",), ("output",), "reference"):
+        references.setdefault(key, []).append(value)
+    return references
+
+
+def attach_references(items: list[Item], references: dict[str, list[str]], path) -> None:
+    """Each item's reference: the k-th output for its instruction goes to its k-th place in the instructions
+    (or the last, when the reference file has fewer)."""
+    seen = {}
+    for item in items:
+        outputs = references.get(item.instruction)
+        k = seen[item.instruction] = seen.get(item.instruction, -1) + 1
+        item.reference = outputs[min(k, len(outputs) - 1)] if outputs else None
+    missing = [item for item in items if item.reference is None]
+    if missing:
+        raise EvalError(f"{path}: no reference output for {len(missing)} of {len(items)} instructions, e.g. "
+                        f"{missing[0].source}; give the model_outputs.json of the same instruction set")
 
 
 def sample(items: list[Item], limit, seed) -> list[Item]:
@@ -208,10 +339,11 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
     name = hashlib.sha256(json.dumps(made_by, default=str).encode()).hexdigest()[:12]
     path = out / f"rewrites-{name}.jsonl"
     done = {}
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+    for line in path.read_bytes().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
-            done[record["input"]] = record["output"]
+            if isinstance(record["output"], str):
+                done[record["input"]] = record["output"]
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a stop: rewritten again
     todo = [t for t in texts if t not in done]
@@ -266,11 +398,12 @@ def side_verdict(first: str | None, second: str | None) -> str | None:
 SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
-def bootstrap_interval(scores, n_resamples: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of the mean of scores, by resampling items with replacement."""
+def bootstrap_interval(scores, n_resamples: int, seed: int) -> tuple[float, float] | tuple[None, None]:
+    """95% percentile interval of the mean of scores, by resampling items with replacement; (None, None) for
+    no scores (null in results.json: NaN is not JSON)."""
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) == 0:
-        return float("nan"), float("nan")
+        return None, None
     rng = np.random.default_rng(seed)
     means = scores[rng.integers(0, len(scores), size=(n_resamples, len(scores)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -280,21 +413,20 @@ def bootstrap_interval(scores, n_resamples: int, seed: int) -> tuple[float, floa
 def summarise(rows: list[dict], reference: bool, n_resamples: int, seed: int) -> dict:
     """The table for rows (judged items): wins, ties, losses and win rate with its interval (pairwise), or
     each side's win rate against the reference and their difference (reference mode)."""
+    mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731 (None with no items: NaN is not JSON)
     if not reference:
         verdicts = [r["verdict"] for r in rows]
         scores = [SCORE[v] for v in verdicts]
-        low, high = bootstrap_interval(scores, n_resamples, seed)
         return {"n": len(rows), "wins": verdicts.count("win"), "ties": verdicts.count("tie"),
-                "losses": verdicts.count("loss"), "win_rate": float(np.mean(scores)) if scores else float("nan"),
-                "ci95": [low, high]}
+                "losses": verdicts.count("loss"), "win_rate": mean(scores),
+                "ci95": list(bootstrap_interval(scores, n_resamples, seed))}
     original = [SCORE[r["verdict_original"]] for r in rows]
     optimised = [SCORE[r["verdict_optimised"]] for r in rows]
-    low, high = bootstrap_interval(np.subtract(optimised, original), n_resamples, seed)
-    mean = lambda x: float(np.mean(x)) if x else float("nan")  # noqa: E731
+    difference = np.subtract(optimised, original)
     return {"n": len(rows), "win_rate_original": mean(original), "win_rate_optimised": mean(optimised),
             "ci95_original": list(bootstrap_interval(original, n_resamples, seed)),
             "ci95_optimised": list(bootstrap_interval(optimised, n_resamples, seed)),
-            "difference": mean(optimised) - mean(original), "ci95_difference": [low, high]}
+            "difference": mean(difference), "ci95_difference": list(bootstrap_interval(difference, n_resamples, seed))}
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -304,38 +436,39 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} is a file; --out is a folder for the results")
-    items = sample(read_instructions(cfg.instructions, cfg.field), cfg.limit, cfg.seed)
-    references = read_pairs_of(cfg.reference, ("instruction",), ("output",), "reference") if cfg.reference else None
-    if references is not None:
-        missing = [item for item in items if item.instruction not in references]
-        if missing:
-            raise EvalError(f"{cfg.reference}: no reference output for {len(missing)} of {len(items)} instructions, "
-                            f"e.g. {missing[0].source}; give the model_outputs.json of the same instruction set")
-    call = request_settings(cfg, sleep)  # one cache, shared by the target and the judge
-    target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, **call)
-    judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, **call)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 1. the rewrites
-    if cfg.rewrites:
-        rewrites = read_pairs_of(cfg.rewrites, ("instruction", "input", "prompt"), ("rewrite", "output", "improved"),
-                                 "rewrite")
+    if cfg.rewrites_target is not None and not cfg.rewrites:
+        raise EvalError("--rewrites-target picks among the targets of a --rewrites file; give --rewrites FILE")
+    items = read_instructions(cfg.instructions, cfg.field)
+    reference_mode = cfg.reference is not None
+    if reference_mode:  # before the sample: an instruction's k-th place gets its k-th reference
+        attach_references(items, read_references(cfg.reference), cfg.reference)
+    items = sample(items, cfg.limit, cfg.seed)
+    rewrites = read_rewrites(cfg.rewrites, cfg.rewrites_target) if cfg.rewrites else None
+    if rewrites is not None:
         missing = [item for item in items if item.instruction not in rewrites]
         if missing:
             raise EvalError(f"{cfg.rewrites}: no rewrite for {len(missing)} of {len(items)} instructions, e.g. "
                             f"{missing[0].source}")
-    else:
+    call = request_settings(cfg, sleep)  # one cache, shared by the target and the judge
+    target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, flag="--target-url", **call)
+    judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, flag="--judge-url", **call)
+    for llm in {target.base_url: target, judge.base_url: judge}.values():
+        llm.probe()  # a server that is not there, said before the prompter loads and not after minutes of retries
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. the rewrites
+    if rewrites is None:
         rewrites = prompter_rewrites(cfg, items, out)
     empty = sum(1 for item in items if not rewrites[item.instruction].strip())
     optimised = {item.instruction: rewrites[item.instruction].strip() or item.instruction for item in items}
 
     # 2. the target's answers to both prompts (temperature 0 by default: each prompt asked once), and 3. the
     # judgments in both orders, each item's asked as soon as its answers are in
-    if references is None:  # optimised against original
+    if not reference_mode:  # optimised against original
         pairs = lambda item, answers: [(answers.get(item.instruction),  # noqa: E731
                                         answers.get(optimised[item.instruction]))]
     else:  # each side against the reference
-        pairs = lambda item, answers: [(answers.get(prompt), references[item.instruction])  # noqa: E731
+        pairs = lambda item, answers: [(answers.get(prompt), item.reference)  # noqa: E731
                                        for prompt in (item.instruction, optimised[item.instruction])]
     answers, replies, failed = ask(target, judge, items, optimised, pairs, cfg)
 
@@ -345,6 +478,8 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         row = {"source": item.source, "category": item.category, "instruction": item.instruction,
                "rewrite": optimised[item.instruction], "answer_original": answers.get(item.instruction),
                "answer_optimised": answers.get(optimised[item.instruction])}
+        if reference_mode:
+            row["reference"] = item.reference
         raw = [(replies.get((item.instruction, x, y)), replies.get((item.instruction, y, x))) if x and y else
                (None, None) for x, y in pairs(item, answers)]
         if any(a is None or b is None for a, b in raw):
@@ -352,10 +487,10 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
             row["status"] = "incomplete"
         else:
             parsed = [(parse_verdict(a), parse_verdict(b)) for a, b in raw]
-            names = ["verdict"] if references is None else ["verdict_original", "verdict_optimised"]
+            names = ["verdict_original", "verdict_optimised"] if reference_mode else ["verdict"]
             for name, (a, b), (pa, pb) in zip(names, raw, parsed):
                 # the side judged is A in the first order, except pairwise, where the original comes first
-                row[name] = side_verdict(pb, pa) if references is None else side_verdict(pa, pb)
+                row[name] = side_verdict(pa, pb) if reference_mode else side_verdict(pb, pa)
                 row[f"{name}_judgments"] = [{"reply": a, "parsed": pa}, {"reply": b, "parsed": pb}]
             row["status"] = "unparsed" if any(row[n] is None for n in names) else "judged"
             if row["status"] == "unparsed":
@@ -363,7 +498,6 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         rows.append(row)
 
     judged = [r for r in rows if r["status"] == "judged"]
-    reference_mode = references is not None
     results = {"mode": "reference" if reference_mode else "pairwise", "target": cfg.target_model,
                "judge": cfg.judge_model, "instructions": cfg.instructions, "items": len(items),
                "judged": len(judged), "unparsed": len(unparsed), "incomplete": incomplete,
@@ -374,8 +508,9 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         results["categories"][category] = summarise(subset, reference_mode, cfg.bootstrap, cfg.seed)
     results["requests_sent"] = {"target": target.requests, "judge": judge.requests}
 
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "judgments.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_atomic(out / "judgments.jsonl", "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n"
+                                                  for r in rows))
     write_atomic(out / "report.html", render_html(results, rows))
     print(table(results))
     if unparsed:
@@ -442,6 +577,8 @@ def ask(target: LLM, judge: LLM, items: list[Item], optimised: dict, pairs, cfg:
 
 
 def _rate(summary: dict, key="win_rate", ci="ci95") -> str:
+    if summary[key] is None:
+        return "n/a (none judged)"
     return f"{summary[key]:.3f} [{summary[ci][0]:.3f}, {summary[ci][1]:.3f}]"
 
 

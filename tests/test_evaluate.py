@@ -7,6 +7,7 @@ expected tables are computed here from the prompts alone, not by evaluate.py's c
 
 import json
 import re
+import socket
 import threading
 
 import numpy as np
@@ -245,9 +246,10 @@ def test_instruction_formats(tmp_path):
     assert evaluate.sample(items, 4, seed=1) == evaluate.sample(items, 4, seed=1) != evaluate.sample(items, 4, seed=2)
 
 
-def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monkeypatch):
+def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monkeypatch, capsys):
     """Rewrites by a tiny stage-1 adapter and head (greedy), then the whole run; a key that the target
-    echoes back reaches no file."""
+    echoes back reaches no file. An instruction longer than the prompter's context is evaluated as it is,
+    counted as an empty rewrite."""
     import train_head
     import train_sft
     from prompts import DEFAULT_DATA
@@ -261,7 +263,8 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
                                            str(tmp_path / "t.safetensors"), "--run-dir", str(tmp_path / "head"),
                                            *common]))
     instructions = tmp_path / "instructions.txt"
-    instructions.write_text("write a poem\nexplain taxes\n")
+    too_long = "explain " * 600  # the tiny prompter's context is 512 tokens
+    instructions.write_text(f"write a poem\nexplain taxes\n{too_long}\n")
     monkeypatch.setenv("EVAL_KEY", KEY)
     # a careless target that echoes the key it was sent: it must reach no file
     target, judge = servers(lambda body: f"{target_reply(body)} (key {KEY})"), servers(longer_wins)
@@ -272,7 +275,11 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
         "--judge-url", judge.url, "--judge-model", "judge-1", "--judge-key-env", "EVAL_KEY",
         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.jsonl")])
     results = evaluate.main(cfg)
-    assert results["items"] == 2 and results["judged"] + results["unparsed"] == 2
+    assert results["items"] == 3 and results["judged"] + results["unparsed"] == 3 and results["empty_rewrites"] == 1
+    assert "1 instructions are longer than the prompter's context of 512 tokens" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    assert rows[2]["rewrite"] == rows[2]["instruction"] == too_long.strip()  # the original, sent as it is
+    assert too_long.strip() in target.seen
     rewrites = list((tmp_path / "out").glob("rewrites-*.jsonl"))
     assert len(rewrites) == 1 and len(rewrites[0].read_text().splitlines()) == 2
     for path in [*(tmp_path / "out").iterdir(), tmp_path / "cache.jsonl"]:
@@ -290,3 +297,131 @@ def test_the_cache_skips_a_line_cut_short_and_appends_after_it(tmp_path):
     again = Cache(path)
     assert [again.get(k) for k in "abcd"] == ["one", None, "three", "four"]
     assert path.read_text().count("\n") == 4 and not again.cut_short
+
+
+def test_a_repeated_instruction_gets_its_own_reference_at_each_place():
+    items = [evaluate.Item(f"f #{i}", text) for i, text in enumerate(["a", "b", "a", "a"])]
+    evaluate.attach_references(items, {"a": ["first a", "second a"], "b": ["b's"]}, "refs.json")
+    assert [item.reference for item in items] == ["first a", "b's", "second a", "second a"]
+    with pytest.raises(evaluate.EvalError, match=r"refs.json: no reference output for 1 of 1 .* e.g. f #0"):
+        evaluate.attach_references([evaluate.Item("f #0", "c")], {"a": ["x"]}, "refs.json")
+
+
+def test_items_are_named_by_their_place_in_the_file_and_their_id(tmp_path):
+    one_line = tmp_path / "inst.json"
+    one_line.write_text(json.dumps([{"instruction": "a", "id": 7}, {"instruction": "b"},
+                                    {"instruction": "c", "id": "q-3"}]))
+    assert [i.source for i in evaluate.read_instructions(one_line)] == [
+        f"{one_line} #0 (id 7)", f"{one_line} #1", f"{one_line} #2 (id q-3)"]
+    lines = tmp_path / "questions.jsonl"
+    lines.write_text("\n" + json.dumps({"question_id": 81, "text": "x"}) + "\n" + json.dumps({"text": "y"}) + "\n")
+    assert [i.source for i in evaluate.read_instructions(lines)] == [f"{lines}:2 (id 81)", f"{lines}:3"]
+    one_line.write_text(json.dumps([{"instruction": "a"}, {"question": "b"}]))
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #1: no instruction \(fields: question\)"):
+        evaluate.read_instructions(one_line)
+
+
+# ------------------------------------------------------------------------------------- second hardening
+
+
+def generate_json(rewrites_by_target: dict) -> str:
+    """What generate.py --json prints with one head per target: a record per (instruction, target)."""
+    return "".join(json.dumps({"index": n, "source": f"i.txt:{n + 1}", "input": i, "target": target, "output": r})
+                   + "\n" for target, rewrites in rewrites_by_target.items()
+                   for n, (i, r) in enumerate(rewrites.items()))
+
+
+def test_rewrites_for_several_targets_are_picked_by_name_or_refused(servers, files, tmp_path, monkeypatch):
+    instructions, _ = files
+    other = {i: "x" for i in REWRITES}  # the other head's rewrites: the shortest possible, losing everywhere
+    two = tmp_path / "two-heads.jsonl"
+    two.write_text(generate_json({"mistral": REWRITES, "concise": other}))
+    target, judge = servers(target_reply), servers(longer_wins)
+    with pytest.raises(evaluate.EvalError, match=r"two-heads.jsonl: rewrites for 2 targets \(concise, mistral\); "
+                                                 r"pick one with --rewrites-target NAME"):
+        run(target, judge, (instructions, two), tmp_path, monkeypatch)
+    with pytest.raises(evaluate.EvalError, match=r"no rewrites for the target gpt .* targets are: concise, mistral"):
+        run(target, judge, (instructions, two), tmp_path, monkeypatch, rewrites_target="gpt")
+    assert not target.seen and not judge.seen  # refused before any request
+    results = run(target, judge, (instructions, two), tmp_path, monkeypatch, rewrites_target="mistral")
+    assert (results["overall"]["wins"], results["overall"]["ties"], results["overall"]["losses"]) == (4, 1, 3)
+    results = run(target, judge, (instructions, two), tmp_path, monkeypatch, rewrites_target="concise")
+    assert results["overall"]["losses"] == 8
+    # without targets, a second and different rewrite of one instruction is refused too; the same one twice is not
+    doubled = tmp_path / "doubled.jsonl"
+    doubled.write_text("".join(json.dumps({"instruction": i, "rewrite": r}) + "\n" for i, r in REWRITES.items())
+                       + json.dumps({"instruction": "define gravity", "rewrite": "gravity?"}) + "\n"
+                       + json.dumps({"instruction": "write a poem", "rewrite": "a sonnet"}) + "\n")
+    with pytest.raises(evaluate.EvalError, match=r"doubled.jsonl:10: another rewrite of the instruction of "
+                                                 r".*doubled.jsonl:1, not the same; keep one"):
+        evaluate.read_rewrites(doubled)
+    with pytest.raises(evaluate.EvalError, match="picks among the targets of a --rewrites file"):
+        run(target, judge, (instructions, None), tmp_path, monkeypatch, rewrites=None, rewrites_target="mistral",
+            lora="x")
+
+
+def strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "reference"])
+def test_nothing_judged_is_null_in_results_json_not_nan(servers, files, tmp_path, monkeypatch, mode):
+    kw = {}
+    if mode == "reference":
+        kw["reference"] = str(tmp_path / "model_outputs.json")
+        (tmp_path / "model_outputs.json").write_text(json.dumps([{"instruction": i, "output": "ref"}
+                                                                 for i, _ in INSTRUCTIONS]))
+    results = run(servers(target_reply), servers(lambda body: "I cannot decide."), files, tmp_path, monkeypatch, **kw)
+    assert results["judged"] == 0 and results["unparsed"] == 8
+    saved = strict_json((tmp_path / "out" / "results.json").read_text())
+    keys = ["win_rate", "ci95"] if mode == "pairwise" else ["win_rate_original", "ci95_original",
+                                                             "win_rate_optimised", "ci95_optimised", "difference",
+                                                             "ci95_difference"]
+    assert all(saved["overall"][k] in (None, [None, None]) for k in keys) and saved["overall"]["n"] == 0
+    for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def test_text_that_is_not_unicode_is_one_line_naming_its_place(tmp_path):
+    latin1 = tmp_path / "instructions.txt"
+    latin1.write_bytes("first\nna\u00efve caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(evaluate.EvalError, match=r"instructions.txt:2: not UTF-8 text; save the file as UTF-8"):
+        evaluate.read_instructions(latin1)
+    lone = tmp_path / "inst.json"
+    lone.write_text('[{"instruction": "fine"}, {"instruction": "half a pair \\ud83d here"}]')
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #1: the instruction holds a lone surrogate"):
+        evaluate.read_instructions(lone)
+    lone.write_text('[{"instruction": "fine", "dataset": "\\udc00"}]')
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #0: the category holds a lone surrogate"):
+        evaluate.read_instructions(lone)
+    rewrites = tmp_path / "rewrites.jsonl"
+    rewrites.write_text('{"instruction": "fine", "rewrite": "ok"}\n{"instruction": "x", "rewrite": "\\ud800"}\n')
+    with pytest.raises(evaluate.EvalError, match=r"rewrites.jsonl:2: the rewrite holds a lone surrogate"):
+        evaluate.read_rewrites(rewrites)
+    rewrites.write_text('{"instruction": "\\udfff", "output": "ok"}\n')
+    with pytest.raises(evaluate.EvalError, match=r"rewrites.jsonl:1: the instruction holds a lone surrogate"):
+        evaluate.read_references(rewrites)
+
+
+def test_an_endpoint_that_is_not_there_is_named_before_the_prompter_loads(servers, tmp_path, monkeypatch):
+    """A target that refuses connections, and URLs without a scheme: one line naming it, before the prompter
+    is loaded, any rewrite written or any retry waited."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    monkeypatch.setattr(evaluate.Prompter, "load", lambda *a, **k: pytest.fail("the prompter was loaded"))
+    instructions = tmp_path / "i.txt"
+    instructions.write_text("write a poem\n")
+    slept = []
+    judge = servers(longer_wins)
+    for url, message in [(f"http://127.0.0.1:{port}/v1", rf"cannot reach http://127.0.0.1:{port}/v1 \(.*refused"),
+                         ("127.0.0.1:8000/v1", r"--target-url 127.0.0.1:8000/v1: give an http:// or https:// URL"),
+                         ("localhost:8000/v1", r"--target-url localhost:8000/v1: give an http:// or https:// URL")]:
+        with pytest.raises(evaluate.UsageError, match=message) as e:
+            run(type("S", (), {"url": url}), judge, (instructions, None), tmp_path, monkeypatch, sleep=slept.append,
+                rewrites=None, lora=str(tmp_path / "adapter"))
+        assert "\n" not in str(e.value)
+    assert not slept and not judge.seen and not list((tmp_path / "out").glob("rewrites-*"))
