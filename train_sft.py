@@ -143,7 +143,7 @@ def main(cfg: TrainConfig) -> dict:
             # log, validate and checkpoint on their intervals, and wherever the run stops
             log.add(step, step_loss, grad_norm)
             stop = signals.stop()
-            validate = val and (step % cfg.eval_interval == 0 or step == plan.end)
+            validate = val and (step % cfg.eval_interval == 0 or step == plan.total_steps)  # not at a pause
             checkpoint = step % cfg.save_interval == 0 or step == plan.end or stop
             if validate or checkpoint or step % cfg.log_interval == 0:
                 log.check(params, scaler)  # one wait for the device; stops here if training diverged

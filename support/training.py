@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class RunConfig:
 # where it computes, where it reports); any other change would make it another run and is refused.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "resume", "stop_after",
                      "device", "overwrite", "report_to"}
+ONE_INVOCATION = {"resume", "stop_after", "overwrite"}  # what a --resume does not take from the run's folder
 REPORTERS = ("tensorboard", "wandb")
 
 
@@ -125,7 +127,7 @@ def parse_config(p: argparse.ArgumentParser, argv, make):
              if v is not unset}
     run_dir = args.run_dir or (make(**vars(args)).run_dir if "target" in given else "")
     saved = read_saved_config(Path(run_dir)) if run_dir else {}
-    fields = {k: saved[k] for k in vars(args) if k in saved and k not in given}
+    fields = {k: saved[k] for k in vars(args) if k in saved and k not in given and k not in ONE_INVOCATION}
     return make(**{**vars(args), **fields, "run_dir": run_dir or args.run_dir, "resume": True})
 
 
@@ -594,7 +596,8 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TrainingError("--report-to tensorboard needs tensorboard: pip install -e '.[tensorboard]'") from None
-        self.writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=start if start else None)
+        # a resumed run logs from step start + 1: what the first one logged from there on is dropped
+        self.writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=start + 1 if start else None)
         if not start:
             self.writer.add_text("config", "    " + json.dumps(hparams, indent=2).replace("\n", "\n    "), 0)
 
@@ -619,8 +622,9 @@ class WandB:
         except ImportError:
             raise TrainingError("--report-to wandb needs wandb: pip install -e '.[wandb]'") from None
         id_file = run.folder / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         write_atomic(id_file, run_id + "\n")
+        self.wandb = wandb
         self.run = wandb.init(id=run_id, resume="allow", dir=str(run.folder), config=hparams,
                               name=run.folder.name, settings=wandb.Settings(silent=True))
 
@@ -630,6 +634,7 @@ class WandB:
 
     def close(self):
         self.run.finish()
+        self.wandb.teardown()  # its service writes the run's file fully before the process goes on
 
 
 SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",

@@ -1,0 +1,145 @@
+"""What a person sees of a training run: the validation lines and the summary, curves.svg, TensorBoard and W&B
+(read back with their own readers), and `--run-dir X --resume` with nothing else."""
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import train_head
+import train_sft
+from prompts import DATA_DIR, DEFAULT_DATA
+from support import training
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:48]))
+    return path
+
+
+def argv(data, run_dir, *more):
+    return ["--model", "tiny", "--data", str(data), "--run-dir", str(run_dir), "--batch-size", "4", "--grad-accum",
+            "1", "--rank", "4", "--max-steps", "8", "--eval-interval", "2", "--save-interval", "2",
+            "--log-interval", "1", "--lr", "2e-3", "--warmup-steps", "1", "--max-len", "256", "--device", "cpu",
+            "--precision", "fp32", *more]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_says_each_validation_and_sums_up_with_paths_that_exist(data, tmp_path, capsys):
+    train_sft.main(train_sft.parse_args(argv(data, tmp_path)))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "validation loss" in line and line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 2", "step 4", "step 6", "step 8"]
+    assert "train loss" in lines[1] and ("best so far" in lines[1] or "(best " in lines[1])
+    summary = err[err.index("done: step 8 of 8"):]
+    best = summary.split("best:  ")[1].split("\n")[0]
+    last = summary.split("last:  ")[1].split("\n")[0]
+    assert (tmp_path / "best").samefile(best) and (tmp_path / "last").samefile(last)
+    assert "tokens/s" in summary and "best validation loss" in summary or "never improved" in summary
+
+
+def test_curves_svg_draws_every_logged_step(data, tmp_path):
+    train_sft.main(train_sft.parse_args(argv(data, tmp_path, "--max-steps", "6")))
+    svg = ET.parse(tmp_path / "curves.svg").getroot()
+    points = [(c.get("data-series"), int(c.get("data-x")), float(c.get("data-y")))
+              for c in svg.iter("{http://www.w3.org/2000/svg}circle")]
+    log = records(tmp_path)
+    assert [(x, y) for s, x, y in points if s == "train loss"] == [(r["step"], r["loss"]) for r in log if "loss" in r]
+    assert [(x, y) for s, x, y in points if s == "validation loss"] == \
+           [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+
+
+def test_run_dir_and_resume_alone_continue_exactly_and_a_changed_setting_is_refused(data, tmp_path):
+    train_sft.main(train_sft.parse_args(argv(data, tmp_path / "straight")))
+    train_sft.main(train_sft.parse_args(argv(data, tmp_path / "stopped", "--stop-after", "3")))
+    with pytest.raises(training.TrainingError, match=r"was started with --lr 0.002, not 0.01; --rank 4, not 8"):
+        train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume", "--lr", "0.01",
+                                             "--rank", "8"]))
+    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume"]))
+    untimed = lambda run: [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in records(run)]
+    assert untimed(tmp_path / "stopped") == untimed(tmp_path / "straight")
+    # a setting that may change (how long it runs) is taken from the command line
+    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume", "--max-steps", "10"]))
+    assert max(r["step"] for r in records(tmp_path / "stopped")) == 10
+
+
+def test_head_runs_resume_from_their_folder_alone(tmp_path):
+    data = DATA_DIR / "targets" / "concise.jsonl"
+    sft = tmp_path / "sft"
+    train_sft.main(train_sft.parse_args(argv(DEFAULT_DATA, sft, "--max-steps", "2")))
+    common = ["--target", "concise", "--data", str(data), "--lora", str(sft / "best"), "--out",
+              str(tmp_path / "h.safetensors"), "--run-dir", str(tmp_path / "head"), "--max-steps", "4",
+              "--batch-size", "8", "--grad-accum", "1", "--max-len", "256"]
+    train_head.main(train_head.parse_args([*common, "--stop-after", "2"]))
+    result = train_head.main(train_head.parse_args(["--run-dir", str(tmp_path / "head"), "--resume"]))
+    assert result["step"] == 4
+
+
+def _tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_scalars_at_their_steps_across_a_resume(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train_sft.main(train_sft.parse_args(argv(data, run, "--report-to", "tensorboard", "--stop-after", "5")))
+    train_sft.main(train_sft.parse_args(["--run-dir", str(run), "--resume"]))
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    log = records(run)
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    # each step once (the run stopped after 5, checkpointed at 4 and 5, and went on from 5), at the log's values
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in train] == list(range(1, 9))
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(scalars["train/loss"], train))
+    assert [s for s, _ in scalars["val/loss"]] == [r["step"] for r in log if "val_loss" in r]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(scalars)
+
+
+def _wandb_history(run_file):
+    """The history records of an offline W&B run file: LevelDB log blocks of the run's protobuf records."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, chunks, history = run_file.read_bytes(), 7, b"", []  # 7: W&B's own file header
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:  # a block's tail too short for a record header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or a record's last part
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                history.append(items)
+    return history
+
+
+def test_wandb_offline_holds_the_history_and_a_resume_continues_the_same_run(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    train_sft.main(train_sft.parse_args(argv(data, run, "--report-to", "wandb", "--stop-after", "4")))
+    run_id = (run / "wandb_id").read_text().strip()
+    train_sft.main(train_sft.parse_args(["--run-dir", str(run), "--resume"]))
+    files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, files  # the first run and its resumption, under one id
+    steps = [h.get("_step") for f in files for h in _wandb_history(f) if "train/loss" in h]
+    assert steps == list(range(1, 9))
+
+
+def test_a_missing_reporter_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(training.TrainingError, match=r"needs tensorboard: pip install -e '\.\[tensorboard\]'"):
+        train_sft.main(train_sft.parse_args(argv(data, tmp_path, "--report-to", "tensorboard")))
