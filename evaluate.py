@@ -18,13 +18,15 @@ table. A reply without exactly one verdict is counted as unparsed, never guessed
 Every request goes through llm.py: cached on disk (--cache; a rerun, or a run adding a second target,
 repeats none), --concurrency at once, retried with backoff, keys from the environment only; each endpoint is
 probed once before the prompter loads, so that one that is not there is said at once. --out gets
-results.json, judgments.jsonl, report.html (one page to read every item side by side) and the table.
+results.json, judgments.jsonl and report.html, a page that gives the answer first (the win rates and their
+intervals as a chart, then the table) and then every item side by side, filtered to wins, ties or losses.
 """
 
 import hashlib
 import html
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from support.llm import (
     has_lone_surrogate,
     request_settings,
 )
+from support.plots import interval_chart
 from support.prompter import Prompter, add_args
 
 JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
@@ -599,34 +602,181 @@ def table(results: dict) -> str:
     return "\n".join([head, *lines])
 
 
+OUTCOMES = {  # the optimised prompt's result on an item, as the report's filters name it in each mode
+    "pairwise": {"win": "optimised wins", "tie": "ties", "loss": "optimised loses", "none": "not judged"},
+    "reference": {"win": "optimised better", "tie": "as good", "loss": "optimised worse", "none": "not judged"},
+}
+
+
+def outcome(row: dict) -> str:
+    """"win", "tie" or "loss" for the optimised prompt on a judged item (reference mode: its verdict against
+    the reference beside the original's, the item's share of the paired difference), else "none"."""
+    if row["status"] != "judged":
+        return "none"
+    if "verdict" in row:
+        return row["verdict"]
+    difference = SCORE[row["verdict_optimised"]] - SCORE[row["verdict_original"]]
+    return "win" if difference > 0 else "loss" if difference < 0 else "tie"
+
+
+def charts(results: dict) -> list[tuple[str, str]]:
+    """The answer as (caption, SVG): the optimised side's win rate with its 95% interval, overall and per
+    category (pairwise), or both sides' win rates against the reference and their difference (reference
+    mode)."""
+    groups = [("overall", results["overall"]), *results["categories"].items()]
+    label = lambda name, s: f"{name if len(name) <= 22 else name[:21] + '…'} (n={s['n']})"  # noqa: E731
+    nan = lambda x: float("nan") if x is None else x  # noqa: E731 (drawn as "not judged")
+
+    def row(text, s, key, ci):
+        return text, nan(s[key]), nan(s[ci][0]), nan(s[ci][1])
+
+    if results["mode"] == "pairwise":
+        title = "Win rate of the optimised prompts' answers over the originals' (a tie counts half), 95% intervals"
+        return [(title, interval_chart([row(label(name, s), s, "win_rate", "ci95") for name, s in groups], title,
+                                       "win rate of the optimised prompt (0.5: as good as the original)"))]
+    sides = [row(f"{label(name, s)} {side}", s, f"win_rate_{side}", f"ci95_{side}")
+             for name, s in groups for side in ("original", "optimised")]
+    title = "Win rate of each side's answers against the reference (a tie counts half), 95% intervals"
+    chart = interval_chart(sides, title, "win rate against the reference (0.5: as good as the reference)")
+    # the originals' rows in grey, so that the two sides of a category tell apart at a glance
+    chart = re.sub(r'<g class="row" data-label="[^"]* original".*?</g>', lambda m: m[0].replace("#1f77b4", "#999"),
+                   chart, flags=re.S)
+    difference = "Optimised minus original, win rate against the reference, paired 95% intervals"
+    return [(f"{title}: grey the original prompts, blue the optimised", chart),
+            (difference, interval_chart([row(label(name, s), s, "difference", "ci95_difference")
+                                         for name, s in groups], difference,
+                                        "difference of the win rates (0: no difference)", mark=0.0, low=-1.0,
+                                        high=1.0))]
+
+
+def _headline(results: dict) -> str:
+    """The answer in one sentence."""
+    s = results["overall"]
+    if not s["n"]:
+        return "No item was judged: there is no result yet."
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    span = lambda ci: f"95% interval {pct(ci[0])} to {pct(ci[1])}"  # noqa: E731
+    if results["mode"] == "pairwise":
+        low, high = s["ci95"]
+        verdict = ("better than the originals" if low > 0.5 else "worse than the originals" if high < 0.5
+                   else "no clear difference from the originals")
+        return (f"Over {s['n']} judged items, the answers to the optimised prompts win {pct(s['win_rate'])} "
+                f"({span(s['ci95'])}; a tie counts half): {verdict}.")
+    low, high = s["ci95_difference"]
+    verdict = ("the optimised prompts do better" if low > 0 else "the optimised prompts do worse" if high < 0
+               else "no clear difference")
+    return (f"Over {s['n']} judged items, against the reference answers the optimised prompts' answers win "
+            f"{pct(s['win_rate_optimised'])} ({span(s['ci95_optimised'])}) and the originals' "
+            f"{pct(s['win_rate_original'])} ({span(s['ci95_original'])}): a difference of "
+            f"{100 * s['difference']:+.1f} points ({span(s['ci95_difference'])}): {verdict}.")
+
+
+def _html_table(results: dict) -> str:
+    e = html.escape
+    number = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    interval = lambda ci: "–" if ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"  # noqa: E731
+    groups = [("overall", results["overall"]), *results["categories"].items()]
+    if results["mode"] == "pairwise":
+        head = ["", "n", "wins", "ties", "losses", "win rate of optimised", "95% interval"]
+        body = [[name, s["n"], s["wins"], s["ties"], s["losses"], number(s["win_rate"]), interval(s["ci95"])]
+                for name, s in groups]
+    else:
+        head = ["", "n", "original vs reference", "95% interval", "optimised vs reference", "95% interval",
+                "difference", "95% interval"]
+        body = [[name, s["n"], number(s["win_rate_original"]), interval(s["ci95_original"]),
+                 number(s["win_rate_optimised"]), interval(s["ci95_optimised"]), number(s["difference"]),
+                 interval(s["ci95_difference"])] for name, s in groups]
+    rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>\n" for r in body)
+    return (f"<table><thead><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr></thead>\n<tbody>{rows}</tbody>"
+            "</table>")
+
+
+def _item_html(index: int, r: dict, mode: str, instructions: str) -> str:
+    e = lambda text, missing="(none)": html.escape(missing if text is None else str(text))  # noqa: E731
+    no_answer = "(no answer: the request failed; rerun to complete it)"
+    kind = outcome(r)
+    badge = OUTCOMES[mode][kind] if kind != "none" else r["status"]
+    shown = str(Path(instructions))  # the page names the file once; items by their place in it
+    name = Path(shown).name + r["source"][len(shown):] if r["source"].startswith(shown) else r["source"]
+    verdicts = ""
+    if mode == "reference" and r["status"] == "judged":
+        verdicts = (f'<p class="verdicts">against the reference: original <b>{e(r["verdict_original"])}</b>, '
+                    f'optimised <b>{e(r["verdict_optimised"])}</b></p>')
+    same = r["rewrite"] == r["instruction"]
+    # row by row, the two sides in two columns, so that the answers start level whatever the prompts' lengths
+    sides = (f'<h4>original prompt</h4><h4>optimised prompt{" (no rewrite: the original was used)" if same else ""}'
+             f'</h4><pre class="prompt">{e(r["instruction"])}</pre><pre class="prompt">{e(r["rewrite"])}</pre>'
+             f'<h4>its answer</h4><h4>its answer</h4><pre>{e(r["answer_original"], no_answer)}</pre>'
+             f'<pre>{e(r["answer_optimised"], no_answer)}</pre>')
+    reference = (f'<div class="reference"><h4>reference answer (both answers were judged against it)</h4>'
+                 f'<pre>{e(r["reference"])}</pre></div>' if mode == "reference" else "")
+    titles = {"verdict_judgments": "the judge's replies (original first, then optimised first)",
+              "verdict_original_judgments": "the judge's replies on the original's answer vs the reference",
+              "verdict_optimised_judgments": "the judge's replies on the optimised answer vs the reference"}
+    raw = "".join(f"<details><summary>{e(titles[k])}</summary>"
+                  + "".join(f"<pre>{e(j['reply'])}</pre><p>parsed: {e(j['parsed'], 'no verdict')}</p>" for j in r[k])
+                  + "</details>" for k in titles if k in r)
+    category = f' <span class="category">{e(r["category"])}</span>' if r["category"] else ""
+    return (f'<section class="item {kind}" id="item-{index}"><h3><a href="#item-{index}">{e(name)}</a>{category} '
+            f'<span class="badge {kind}">{e(badge)}</span></h3>{verdicts}<div class="grid">{sides}</div>'
+            f"{reference}{raw}</section>\n")
+
+
 def render_html(results: dict, rows: list[dict]) -> str:
-    """One self-contained page: the table, then every item with both prompts, both answers and the verdicts."""
-    e = lambda text: html.escape(str(text if text is not None else "(none)"))  # noqa: E731
-    items = []
-    for r in rows:
-        verdicts = " · ".join(f"{k.replace('_', ' ')}: <b>{e(r[k])}</b>" for k in r
-                              if k.startswith("verdict") and not k.endswith("judgments"))
-        raw = "".join(f"<details><summary>{e(k.replace('_', ' '))}</summary>" +
-                      "".join(f"<pre>{e(j['reply'])}</pre><p>parsed: {e(j['parsed'])}</p>" for j in r[k]) +
-                      "</details>" for k in r if k.endswith("_judgments"))
-        items.append(f"""<section><h3>{e(r['source'])} {f"({e(r['category'])})" if r['category'] else ''} \
-— {e(r['status'])}</h3><p>{verdicts}</p>
-<div class="grid"><div><h4>original prompt</h4><pre>{e(r['instruction'])}</pre><h4>answer</h4>\
-<pre>{e(r['answer_original'])}</pre></div><div><h4>optimised prompt</h4><pre>{e(r['rewrite'])}</pre>\
-<h4>answer</h4><pre>{e(r['answer_optimised'])}</pre></div></div>{raw}</section>""")
+    """One self-contained page, the answer first: the chart of the win rates, the table, then every item (both
+    prompts, both answers, the reference in reference mode, the judge's replies), which radio buttons filter
+    to wins, ties or losses with CSS alone."""
+    e = html.escape
+    mode = results["mode"]
+    kinds = [outcome(r) for r in rows]
+    filters, hide = [f'<input type="radio" name="show" id="show-all" checked><label for="show-all">all '
+                     f"({len(rows)})</label>"], []
+    for kind, label in OUTCOMES[mode].items():
+        filters.append(f'<input type="radio" name="show" id="show-{kind}"><label for="show-{kind}">{e(label)} '
+                       f"({kinds.count(kind)})</label>")
+        hide.append(f"#show-{kind}:checked ~ .items .item:not(.{kind})")
+    items = "".join(_item_html(i, r, mode, results["instructions"]) for i, r in enumerate(rows))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>phi2-prompter evaluation: {e(results['target'])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; }}
-pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .6em; border-radius: 4px; }}
-.grid {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }}
-section {{ border-top: 1px solid #ccc; margin-top: 1.5em; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }}
+h1 {{ margin-bottom: .2em; }} .meta {{ color: #555; margin-top: 0; }} .headline {{ font-size: 1.15em; }}
+figure {{ margin: 1.2em 0; }} figcaption {{ font-weight: bold; margin-bottom: .3em; }}
+svg {{ display: block; max-width: 100%; height: auto; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }}
+th:first-child, td:first-child {{ text-align: left; }} tbody tr:first-child {{ font-weight: bold; }}
+pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .6em; border-radius: 4px; max-height: 28em;
+      overflow: auto; margin: .3em 0; }}
+pre.prompt {{ background: #eef3fa; }}
+.grid {{ display: grid; grid-template-columns: 1fr 1fr; column-gap: 1em; align-items: start; }}
+h4 {{ margin: .6em 0 .2em; color: #444; }}
+section.item {{ border-top: 1px solid #ccc; margin-top: 1.2em; }}
+.item h3 a {{ color: inherit; text-decoration: none; }}
+.category {{ font-size: .8em; font-weight: normal; color: #555; border: 1px solid #bbb; border-radius: 3px;
+            padding: 0 .4em; margin-left: .4em; }}
+.badge {{ font-size: .8em; border-radius: 3px; padding: .1em .5em; margin-left: .4em; }}
+.badge.win {{ background: #d9f0d9; color: #1a6b1a; }} .badge.loss {{ background: #f8dcdc; color: #9b1c1c; }}
+.badge.tie {{ background: #e8e8e8; color: #444; }} .badge.none {{ background: #fbeed5; color: #7a5300; }}
+input[name=show] {{ position: absolute; opacity: 0; }}
+input[name=show] + label {{ display: inline-block; border: 1px solid #999; border-radius: 4px; padding: .2em .7em;
+                           margin: 0 .3em .3em 0; cursor: pointer; }}
+input[name=show]:checked + label {{ background: #333; color: white; border-color: #333; }}
+input[name=show]:focus-visible + label {{ outline: 2px solid #1f77b4; }}
+{", ".join(hide)} {{ display: none; }}
 </style></head><body>
 <h1>Evaluation of {e(results['target'])}</h1>
-<pre>{e(table(results))}</pre>
-<p>{results['unparsed']} unparsed, {results['incomplete']} incomplete, {results['empty_rewrites']} empty rewrites \
-(the original was used).</p>
-{"".join(items)}
+<p class="meta">{e(mode)} judging by {e(results['judge'])} · {e(results['instructions'])} · {results['judged']} of \
+{results['items']} items judged</p>
+<p class="headline">{e(_headline(results))}</p>
+{"".join(f'<figure><figcaption>{e(caption)}</figcaption>{svg}</figure>' for caption, svg in charts(results))}
+{_html_table(results)}
+<p>{results['unparsed']} unparsed (a judge's reply without one verdict), {results['incomplete']} incomplete (a \
+request failed: rerun to complete them), {results['empty_rewrites']} empty rewrites (the original was used).</p>
+<h2 id="items">The items</h2>
+<div class="filters">{"".join(filters)}
+<div class="items">
+{items}</div></div>
 </body></html>
 """
 

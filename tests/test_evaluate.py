@@ -5,10 +5,12 @@ answer's length is known from its prompt; scripted judges prefer position A, or 
 expected tables are computed here from the prompts alone, not by evaluate.py's code.
 """
 
+import html
 import json
 import re
 import socket
 import threading
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -299,6 +301,89 @@ def test_the_cache_skips_a_line_cut_short_and_appends_after_it(tmp_path):
     assert path.read_text().count("\n") == 4 and not again.cut_short
 
 
+# ------------------------------------------------------------------------------------------ the report
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def drawn_charts(page: str) -> list[list[dict]]:
+    """Each chart of report.html as drawn: for each row, its label and the value, low and high that the dot and
+    the bar stand at, read back through the axis's scale (from its tick labels), beside the data-* numbers."""
+    charts = []
+    for svg in re.findall(r"<svg .*?</svg>", page, re.S):
+        root = ElementTree.fromstring(svg)
+        ticks = []
+        for text in root.iter(f"{SVG}text"):
+            try:
+                ticks.append((float(text.text), float(text.get("x"))))
+            except (TypeError, ValueError):
+                continue
+        (v0, x0), (v1, x1) = min(ticks), max(ticks)
+        at = lambda x: v0 + (float(x) - x0) * (v1 - v0) / (x1 - x0)  # noqa: B023
+        rows = []
+        for g in root.iter(f"{SVG}g"):
+            if g.get("class") != "row":
+                continue
+            line, dot = g.find(f"{SVG}line"), g.find(f"{SVG}circle")
+            rows.append({"label": g.get("data-label"), "drawn": (at(dot.get("cx")), at(line.get("x1")),
+                                                                  at(line.get("x2"))),
+                         "data": tuple(float(g.get(k)) for k in ("data-value", "data-low", "data-high"))})
+        charts.append(rows)
+    return charts
+
+
+def assert_drawn(rows: list[dict], expected: list[tuple[str, float, list]]):
+    """rows draw expected: (label, value, [low, high]) each, in order; the positions to within a pixel."""
+    assert [r["label"] for r in rows] == [label for label, _, _ in expected]
+    for row, (_, value, (low, high)) in zip(rows, expected):
+        assert row["data"] == (value, low, high)
+        assert row["drawn"] == pytest.approx((value, low, high), abs=0.005)
+
+
+def test_the_report_draws_results_json_and_filters_items_by_verdict(servers, files, tmp_path, monkeypatch):
+    run(servers(target_reply), servers(longer_wins), files, tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    page = (out / "report.html").read_text()
+    groups = [("overall", results["overall"]), *results["categories"].items()]
+    assert [name for name, _ in groups] == ["overall", "science", "writing"]
+    [chart] = drawn_charts(page)
+    assert_drawn(chart, [(f"{name} (n={s['n']})", s["win_rate"], s["ci95"]) for name, s in groups])
+    # the answer first: the chart comes before the table, which comes before the first item
+    assert page.index("<svg") < page.index("<table") < page.index('<section class="item')
+    # items named by their place in the one-line JSON file, each marked with its verdict for the filters
+    sections = re.findall(r'<section class="item (\w+)" id="item-(\d+)"><h3><a href="#item-\d+">([^<]*)</a>', page)
+    assert [(kind, int(i), name) for kind, i, name in sections] == [
+        (r["verdict"], i, f"alpaca_eval.json #{i}") for i, r in enumerate(rows)]
+    assert [r["source"] for r in rows] == [f"{files[0]} #{i}" for i in range(8)]
+    for kind, count in (("win", 4), ("tie", 1), ("loss", 3)):
+        assert re.search(rf'<label for="show-{kind}">[^<]* \({count}\)</label>', page)
+        assert f"#show-{kind}:checked ~ .items .item:not(.{kind})" in page  # the CSS that filters
+
+
+def test_reference_mode_draws_both_sides_and_the_difference_and_shows_the_reference(servers, files, tmp_path,
+                                                                                      monkeypatch):
+    reference = tmp_path / "model_outputs.json"
+    outputs = {i: f"reference {n}: " + answer_for("x" * 30) for n, (i, _) in enumerate(INSTRUCTIONS)}
+    reference.write_text(json.dumps([{"instruction": i, "output": o} for i, o in outputs.items()]))
+    run(servers(target_reply), servers(longer_wins), files, tmp_path, monkeypatch, reference=str(reference))
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    page = (out / "report.html").read_text()
+    groups = [("overall", results["overall"]), *results["categories"].items()]
+    sides, difference = drawn_charts(page)
+    assert_drawn(sides, [(f"{name} (n={s['n']}) {side}", s[f"win_rate_{side}"], s[f"ci95_{side}"])
+                         for name, s in groups for side in ("original", "optimised")])
+    assert_drawn(difference, [(f"{name} (n={s['n']})", s["difference"], s["ci95_difference"]) for name, s in groups])
+    assert re.search(r'<text [^>]*>-1</text>', page.split("<svg")[2])  # the difference's axis runs from -1
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == list(outputs.values())
+    items = page.split('<section class="item')[1:]
+    assert len(items) == 8 and all(html.escape(r["reference"]) in item for r, item in zip(rows, items))
+
+
 def test_a_repeated_instruction_gets_its_own_reference_at_each_place():
     items = [evaluate.Item(f"f #{i}", text) for i, text in enumerate(["a", "b", "a", "a"])]
     evaluate.attach_references(items, {"a": ["first a", "second a"], "b": ["b's"]}, "refs.json")
@@ -382,6 +467,8 @@ def test_nothing_judged_is_null_in_results_json_not_nan(servers, files, tmp_path
     assert all(saved["overall"][k] in (None, [None, None]) for k in keys) and saved["overall"]["n"] == 0
     for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines():
         strict_json(line)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "No item was judged" in page and "not judged" in page
 
 
 def test_text_that_is_not_unicode_is_one_line_naming_its_place(tmp_path):
