@@ -143,12 +143,12 @@ class API:
     """What the routes share: the engine, the limits, the key, the allowed hosts and origins, the proxy."""
 
     def __init__(self, engine, max_queue=64, max_tokens=256, api_key=None, proxy=None, hosts=None, origins=(),
-                 log_prompts=False, log=sys.stderr):
+                 log_prompts=False, log=None):
         self.engine, self.max_queue, self.max_tokens, self.api_key = engine, max_queue, max_tokens, api_key
         self.proxy = proxy
         self.hosts = hosts  # allowed Host header values (lower case, without the port); None: any
         self.origins = set(origins)
-        self.log_prompts, self.log = log_prompts, log
+        self.log_prompts, self.log = log_prompts, log  # the access log's stream; None: stderr
         self.models = list(engine.heads)
         self.started = time.time()
 
@@ -217,7 +217,9 @@ class API:
         return [Job(ids, s.model, max_tokens, s.temperature, s.top_p, None if s.seed is None else s.seed + i,
                     s.stop) for i in range(count)], len(ids)
 
-    def enqueue(self, jobs: list[Job]):
+    def enqueue(self, jobs: list[Job]) -> asyncio.Queue:
+        """Submit the jobs, or refuse them (400: they could never run; 503: the queue is full); the queue their
+        events arrive on as (choice index, event), listened to before the engine can see them."""
         if len(jobs) > self.max_queue:  # would never fit: not a matter of waiting
             raise APIError(400, f"{len(jobs)} choices in one request; this server queues at most {self.max_queue}",
                            param="n")
@@ -230,15 +232,16 @@ class API:
         if waiting + len(jobs) > self.max_queue:
             raise APIError(503, f"the server is busy ({waiting} requests waiting); retry shortly",
                            type_="server_error", code="queue_full", headers={"Retry-After": "1"})
-        self.engine.submit(jobs)
-
-    @staticmethod
-    async def events(jobs: list[Job], request):
-        """(choice index, event) as the jobs produce them, until each is done; cancels them all if the client
-        disconnects or the consumer stops."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for i, job in enumerate(jobs):
             job.on_event = lambda *event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+        self.engine.submit(jobs)
+        return queue
+
+    @staticmethod
+    async def events(jobs: list[Job], queue: asyncio.Queue, request):
+        """(choice index, event) as the jobs produce them, until each is done; cancels them all if the client
+        disconnects or the consumer stops."""
         done, checked = 0, time.monotonic()
         try:
             while done < len(jobs):
@@ -271,15 +274,15 @@ class API:
         record.update(model=s.model, prompt_tokens=prompt_tokens, completion_tokens=0)
         if self.log_prompts:
             record["prompt"] = prompts if len(prompts) > 1 else prompts[0]
-        self.enqueue(jobs)
+        queue = self.enqueue(jobs)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
                 "model": s.model}
         if s.stream:
-            return StreamingResponse(self.stream(request, jobs, head, chat, s, prompt_tokens),
+            return StreamingResponse(self.stream(request, jobs, queue, head, chat, s, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finish = [""] * len(jobs), [None] * len(jobs)
-        async for i, event in self.events(jobs, request):
+        async for i, event in self.events(jobs, queue, request):
             if event[0] == "text":
                 texts[i] += event[1]
             else:
@@ -293,7 +296,7 @@ class API:
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": usage(prompt_tokens, record["completion_tokens"])}
 
-    async def stream(self, request, jobs, head, chat, s, prompt_tokens):
+    async def stream(self, request, jobs, queue, head, chat, s, prompt_tokens):
         def chunk(i, delta=None, text=None, finish=None):
             choice = {"index": i, "delta": delta} if chat else {"index": i, "text": text or "", "logprobs": None}
             return {**head, "choices": [{**choice, "finish_reason": finish}]}
@@ -303,7 +306,7 @@ class API:
             for i in range(len(jobs)):
                 yield sse_line(chunk(i, {"role": "assistant", "content": ""}))
         try:
-            async for i, event in self.events(jobs, request):
+            async for i, event in self.events(jobs, queue, request):
                 if event[0] == "text":
                     yield sse_line(chunk(i, {"content": event[1]}, text=event[1]))
                 else:
@@ -322,9 +325,9 @@ class API:
         """The greedy rewrite of text by model's head (the proxy's)."""
         s = Settings(model, 1, None, 0.0, None, None, [], False, False)
         jobs, _ = self.jobs_for(text, s, 1)
-        self.enqueue(jobs)
+        queue = self.enqueue(jobs)
         out = ""
-        async for _, event in self.events(jobs, request):
+        async for _, event in self.events(jobs, queue, request):
             if event[0] == "text":
                 out += event[1]
         return out
@@ -442,29 +445,30 @@ def build_app(api: API) -> FastAPI:
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
-        """The browser guards first; then one access-log line per request, when its body has been sent."""
+        """The browser guards first; then one access-log line per request, once its body has been sent."""
         start, request.state.record = time.perf_counter(), {}
         try:
             api.check_browser(request)
+            response = await call_next(request)
         except APIError as e:
             response = await api_error(request, e)
-        else:
-            response = await call_next(request)
-        body = response.body_iterator if hasattr(response, "body_iterator") else None
+
+        def log():
+            line = api.access_line(request, request.state.record, response.status_code, time.perf_counter() - start)
+            print(line, file=api.log or sys.stderr, flush=True)
+
+        body = getattr(response, "body_iterator", None)
+        if body is None:
+            log()
+            return response
 
         async def logged():
             try:
-                if body is not None:
-                    async for piece in body:
-                        yield piece
+                async for piece in body:
+                    yield piece
             finally:
-                print(api.access_line(request, request.state.record, response.status_code,
-                                      time.perf_counter() - start), file=api.log, flush=True)
+                log()
 
-        if body is None:
-            print(api.access_line(request, request.state.record, response.status_code,
-                                  time.perf_counter() - start), file=api.log, flush=True)
-            return response
         response.body_iterator = logged()
         return response
 

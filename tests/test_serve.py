@@ -389,6 +389,14 @@ class Upstream(LoopbackServer):
             handler.close_connection = True
             return
         answer = f"upstream answer (key {handler.headers['Authorization'].removeprefix('Bearer ')})"
+        if body.get("user") == "tight":  # SSE allows `data:` without a space; the key JSON-escaped in it
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.end_headers()
+            escaped = f"\\u{ord(UPSTREAM_KEY[0]):04x}{UPSTREAM_KEY[1:]}"
+            handler.wfile.write(b'data:{"choices": [{"index": 0, "delta": {"content": "' + escaped.encode()
+                                + b'"}, "finish_reason": null}]}\n\ndata: [DONE]\n\n')
+            return
         if not body.get("stream"):
             return send_json(handler, 200, {"id": "u1", "object": "chat.completion", "created": 1,
                                             "model": body["model"], **completion(answer)})
@@ -455,3 +463,114 @@ def test_command_line_refusals(prompter, monkeypatch):
             serve.main(serve.parse_args(["--lora", str(prompter / "lora"), "--port", port]))
     with pytest.raises(serve.UsageError, match="give NAME=VALUE"):
         serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "http://x"]))
+
+
+def test_health_model_retrieval_and_one_access_log_line_per_request(prompter, monkeypatch):
+    import io
+    api, url = launch(prompter, monkeypatch)
+    api.log = io.StringIO()
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    assert client.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
+    health = httpx.get(url.removesuffix("/v1") + "/health").json()
+    assert health["status"] == "ok" and health["models"] == ["base", "alpha", "beta"] and health["waiting"] == 0
+    reply = chat(client, PROMPTS[0], max_tokens=8)
+
+    def logged(n):  # a line is written once the reply's body has gone out, just after the client has it
+        for _ in range(200):
+            if len(api.log.getvalue().splitlines()) >= n:
+                break
+            time.sleep(0.01)
+        return [json.loads(line) for line in api.log.getvalue().splitlines()]
+
+    lines = logged(4)
+    assert [(r["method"], r["path"], r["status"]) for r in lines] == [
+        ("GET", "/v1/models/alpha", 200), ("GET", "/v1/models/gpt-5", 404), ("GET", "/health", 200),
+        ("POST", "/v1/chat/completions", 200)]
+    last = lines[-1]
+    assert (last["model"], last["prompt_tokens"], last["completion_tokens"]) == (
+        "alpha", reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert last["ms"] > 0 and "prompt" not in last and PROMPTS[0] not in api.log.getvalue()
+    api.log_prompts = True
+    list(chat(client, PROMPTS[1], max_tokens=8, stream=True))  # a stream is logged when it ends
+    assert logged(5)[-1]["prompt"] == PROMPTS[1]
+
+
+def test_a_web_page_cannot_use_the_server(prompter, monkeypatch):
+    """A cross-site form or text/plain POST (no preflight), a Host that is not the server's (DNS rebinding) and a
+    foreign Origin are refused before anything runs; no CORS header unless --cors-origin allows the page."""
+    upstream = Upstream()
+    monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
+    api, url = launch(prompter, monkeypatch, "--upstream", f"alpha={upstream.url}", "--upstream-key-env",
+                      "alpha=UP_KEY", "--cors-origin", "https://app.example")
+    body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": PROMPTS[0]}]})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+        headers = {**auth, **({"Content-Type": kind} if kind else {})}
+        r = httpx.post(f"{url}/chat/completions", content=body, headers=headers)
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"], kind
+    port = url.split(":")[2].split("/")[0]
+    r = httpx.post(f"{url}/chat/completions", content=body, headers={**auth, "Content-Type": "application/json",
+                                                                     "Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = httpx.post(f"{url}/chat/completions", content=body, headers={**auth, "Content-Type": "application/json",
+                                                                     "Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert upstream.received == []  # none of them reached the upstream (nor spent its key)
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{url}/chat/completions", headers=preflight).headers
+    allowed = {**preflight, "Origin": "https://app.example"}
+    r = httpx.options(f"{url}/chat/completions", headers=allowed)
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    ok = httpx.post(f"{url}/chat/completions", content=body, timeout=60,
+                    headers={**auth, "Content-Type": "application/json", "Host": f"localhost:{port}",
+                             "Origin": "https://app.example"})
+    assert ok.status_code == 200 and len(upstream.received) == 1
+
+
+def test_a_long_stop_string_is_refused_and_a_stop_string_never_leaks_its_first_character(prompter, monkeypatch):
+    from phi2.generation import _releasable
+    api, url = launch(prompter, monkeypatch)
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="each stop string may be at most 1000 characters"):
+        chat(client, PROMPTS[0], stop=["x" * 1_000_000])
+    started = time.perf_counter()  # the longest allowed stop strings cost each token little
+    chat(client, PROMPTS[0], stop=["a" * 999 + "b", "ab" * 500, "é" * 1000, "z" * 1000], max_tokens=24)
+    assert time.perf_counter() - started < 20
+    # a multi-byte character split across tokens: its first bytes decode to U+FFFD; what comes before it and could
+    # begin a stop string waits too ("x", which "xé" begins), and the cut removes it
+    assert _releasable("ab x\ufffd", ["x\u00e9"]) == ("ab ", False)
+    assert _releasable("ab x\u00e9!", ["x\u00e9"]) == ("ab ", True)
+    assert _releasable("ab " + "a" * 5000, ["a" * 999 + "b"]) == ("ab " + "a" * 4001, False)  # 999 held back
+
+
+def test_the_proxy_log_is_checked_at_start_and_an_answer_already_paid_for_is_never_dropped(prompter, monkeypatch,
+                                                                                           tmp_path, capfd):
+    upstream = Upstream()
+    monkeypatch.setenv("UP_KEY", UPSTREAM_KEY)
+    proxy = ["--upstream", f"alpha={upstream.url}", "--upstream-key-env", "alpha=UP_KEY"]
+    with pytest.raises(serve.UsageError, match="--log .*nowhere/log.jsonl: cannot write there"):
+        launch(prompter, monkeypatch, *proxy, "--log", str(tmp_path / "nowhere" / "log.jsonl"))
+    assert upstream.received == []
+    (tmp_path / "logs").mkdir()
+    api, url = launch(prompter, monkeypatch, *proxy, "--log", str(tmp_path / "logs" / "log.jsonl"))
+    (tmp_path / "logs" / "log.jsonl").unlink()
+    (tmp_path / "logs").rmdir()  # the folder goes away while the server runs
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPTS[0]}])
+    assert reply.choices[0].message.content == "upstream answer (key ***)" and len(upstream.received) == 1
+    assert "the request was answered, not logged" in capfd.readouterr().err
+    # SSE lines without the space after `data:` are redacted too
+    streamed = list(client.chat.completions.create(model="alpha", stream=True, user="tight",
+                                                   messages=[{"role": "user", "content": PROMPTS[0]}]))
+    assert "".join(c.choices[0].delta.content for c in streamed) == "***"
+
+
+def test_kv_memory_is_bounded_up_front(prompter, monkeypatch):
+    api, url = launch(prompter, monkeypatch, "--max-kv-gb", "0.0001")  # a few hundred slots of the tiny model
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    assert api.engine.kv_slots < 96 * 16
+    with pytest.raises(openai.BadRequestError, match="KV cache slots"):
+        chat(client, PROMPTS[0], n=16, max_tokens=30)
+    assert chat(client, PROMPTS[0], max_tokens=8).choices  # one that fits still runs
