@@ -164,17 +164,9 @@ ID_FIELDS = ("id", "question_id")  # Vicuna's and MT-Bench's; shown with the ite
 
 def _records(path) -> list[tuple[str, dict]]:
     """(where, record) for each record of a .jsonl, .json or .csv file: where is file:line, or file #index for
-    a JSON list (AlpacaEval's is one line: every item would be file:1). Whatever else reading the file
-    raises is one EvalError naming it."""
+    a JSON list (AlpacaEval's is one line: every item would be file:1)."""
     path = Path(path)
-    try:
-        records = read_records(path)
-    except UsageError:
-        raise
-    except OSError as e:
-        raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except (ValueError, RecursionError) as e:  # an integer of 5000 digits, lists nested 10000 deep
-        raise EvalError(f"{path}: cannot be read as records ({_one_line(e)})") from None
+    records = read_records(path)
     if path.suffix.lower() == ".json":
         return [(f"{path} #{i}", record) for i, (_, record) in enumerate(records)]
     return [(f"{path}:{line}", record) for line, record in records]
