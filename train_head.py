@@ -184,7 +184,7 @@ def main(cfg: HeadConfig) -> dict:
                 training.save_state(run, step, log.best(), params, optimizer, scaler, prompter.base_fingerprint)
                 run.on_main(save, run.folder / "last.safetensors")
                 log.restart_clock()
-            if stop:
+            if stop and step < plan.end:  # at the end there is nothing left to resume: the run finishes
                 raise training.Interrupted(f"interrupted after step {step}, saved in {run.folder}; continue with "
                                            f"`python train_head.py --run-dir {run.folder} --resume`")
     if not val or not wrote_out:  # no validation: the last weights are the best we know

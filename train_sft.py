@@ -159,7 +159,7 @@ def main(cfg: TrainConfig) -> dict:
                 training.save_state(run, step, log.best(), params, optimizer, scaler, base_fingerprint)
                 run.on_main(save, run.folder / "last")
                 log.restart_clock()
-            if stop:
+            if stop and step < plan.end:  # at the end there is nothing left to resume: the run finishes
                 raise training.Interrupted(f"interrupted after step {step}, saved in {run.folder}; continue with "
                                            f"`python train_sft.py --run-dir {run.folder} --resume`")
     if not val or not wrote_out:  # no validation, or it never beat the start: the last weights stand in

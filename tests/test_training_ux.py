@@ -143,3 +143,40 @@ def test_a_missing_reporter_is_one_line(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(training.TrainingError, match=r"needs tensorboard: pip install -e '\.\[tensorboard\]'"):
         train_sft.main(train_sft.parse_args(argv(data, tmp_path, "--report-to", "tensorboard")))
+
+
+def test_a_resume_after_a_crash_that_cut_the_log_mid_line_goes_on(data, tmp_path):
+    train_sft.main(train_sft.parse_args(argv(data, tmp_path, "--stop-after", "4")))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 0, "lr": 0.0')  # the crash came while step 5's record was being written
+    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path), "--resume"]))
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == list(range(1, 9))
+
+
+def test_a_signal_during_the_last_validation_lets_the_run_finish(data, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM asks the loop to stop after its step: during the last step's validation, that is the
+    end, so the validation, the best adapter and the summary all happen, and nothing is left to resume."""
+    import os
+    import signal
+
+    import torch
+
+    import phi2.model
+    loss, calls = phi2.model.Phi2.loss, []
+
+    def counting(self, *args):
+        if not torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == last_validation_first_batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args)
+
+    # 8 steps, validations at 0, 2, 4, 6 and 8 over 5 validation examples in batches of 4: 2 batches each
+    last_validation_first_batch = 4 * 2 + 1
+    monkeypatch.setattr(phi2.model.Phi2, "loss", counting)
+    result = train_sft.main(train_sft.parse_args(argv(data, tmp_path)))
+    assert result["step"] == 8 and len(calls) == 10  # the last validation ran whole
+    assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [0, 2, 4, 6, 8]
+    assert (tmp_path / "best" / "adapter_model.safetensors").exists()
+    with pytest.raises(training.TrainingError, match="already at step 8, with nothing left to do"):
+        train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path), "--resume"]))
