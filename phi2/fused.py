@@ -1,18 +1,15 @@
 """Kernels that exist for speed, apart from the architecture in model.py. Each gives the same numbers as
-the plain PyTorch it replaces (tests/test_model.py checks each against it) and was kept because it was
-measured to pay on these machines' CPUs:
+the plain PyTorch it replaces, up to the order of its sums (tests/test_model.py checks each against it), and
+was kept because it was measured to pay (docs/speed.md; bench/generation.py, bench/train_step.py):
 
-- `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU. The same product
-  with the weight as the left operand, W @ x.T, is 1.3-1.5x faster for 2 to 8 bf16 rows and 1.4-4.4x faster
-  for 2 to 256 fp32 rows on Phi-2's shapes (MKL on an AVX2 AMD EPYC); for one bf16 row torch.addmv reaches
-  about twice the bandwidth of F.linear. 2-layer Phi-2 bf16 decoding at batch 8 went from 1.13x to 1.42x
-  transformers with it.
+- `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
+  kernels behind F.linear are slow for a handful of rows.
 - `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
-  instead of n: 3.5x faster than F.dropout at p = 0.05 on a CPU. On other devices it is F.dropout, whose
-  fused kernel needs no host synchronisation.
+  instead of n, which are most of F.dropout's cost on a CPU. On other devices it is F.dropout, whose fused
+  kernel needs no host synchronisation.
 - `linear_cross_entropy`: the LM head and the loss in one step, in row chunks, with the gradients made while
-  each chunk's logits are at hand: no (N, 51200) fp32 tensor, 20-23% faster than before on Phi-2's head, and
-  a low-rank head update that stays factorised.
+  each chunk's logits are at hand: no (N, 51200) fp32 tensor, and a low-rank head update that stays
+  factorised.
 """
 
 import torch
@@ -32,13 +29,11 @@ class Linear(nn.Linear):
     """nn.Linear, plus fast paths for the few rows of batched decoding on the CPU.
 
     The CPU matmuls behind F.linear (x @ W.T) are slow when x has only a few rows: oneDNN's for bf16/fp16
-    and, on the AMD CPUs measured here, MKL's for fp32, which runs 16 rows through Phi-2's 51200 x 2560 head
-    at 14 GFLOP/s. The same product with the weight as the left operand, W @ x.T, is no slower anywhere
-    measured and much faster there: 1.3-1.5x for 2 to 8 half-precision rows, 1.9x for 2 fp32 rows, 4.4x for
-    8 and 1.4x for 128, fading to equal by about 1000 rows. For one half-precision row, torch.addmv's kernel
-    reaches about twice F.linear's bandwidth. Small fp32 weights keep F.linear, whose lower overhead wins
-    there. Every path accumulates in fp32; only the order of the sums differs (bench/generation.py and
-    bench/serve.py measure the effect).
+    and MKL's for fp32 on the AMD CPUs measured. The same product with the weight as the left operand,
+    W @ x.T, was no slower anywhere measured and several times faster there, up to about 256 rows; for one
+    half-precision row, torch.addmv's kernel reads the weight faster than F.linear. Small fp32 weights keep
+    F.linear, whose lower overhead wins there. Every path accumulates in fp32; only the order of the sums
+    differs, which is why decoding pads its rows to counts measured to be row-invariant (phi2/generation.py).
     """
 
     def forward(self, x):
@@ -61,7 +56,7 @@ def dropout(x, p: float, training: bool = True):
 
     In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
     gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
-    are most of its cost (3.5x faster at p = 0.05 here; tests/test_model.py checks the statistics).
+    are most of its cost (tests/test_model.py checks the statistics).
     """
     if not training or p == 0.0:
         return x

@@ -2,7 +2,8 @@
 
 Matches transformers' PhiForCausalLM (models/phi/modeling_phi.py) tensor for tensor, with HF's module
 names minus the `model.` wrapper, so any weight can be grepped on both sides. Model card:
-https://huggingface.co/microsoft/phi-2. The KV cache follows gpt-fast's (preallocated, one write per step).
+https://huggingface.co/microsoft/phi-2. The KV cache follows gpt-fast's (preallocated, one write per step),
+one per sequence, so that a row of a batch attends to its own keys only.
 Left out on purpose: qk_layernorm, RoPE scaling and tied embeddings (Phi-2 uses none of them), and any
 model other than Phi-2.
 """

@@ -3,9 +3,9 @@
 The `safetensors` library reads each file's header (and checks it: sound JSON, offsets inside the file, no
 overlaps). The model is built on the meta device, given uninitialised storage in the target dtype, and
 filled one tensor at a time, each read by safetensors' pread backend into fresh memory that becomes the
-parameter when the dtype matches: peak memory is the model plus one tensor. (Its default memory map
-would keep each shard's pages in the process until the file closes: +600 MiB peak on an 850 MiB shard,
-measured against this loader; a parameter that is a view of the map would not be the model's own memory.)
+parameter when the dtype matches: peak memory is the model plus one tensor (bench/load_memory.py). Its
+default memory map would keep each shard's pages in the process until the file closes, and a parameter
+that is a view of the map would not be the model's own memory.
 Loading is strict: every checkpoint tensor is used once, every parameter filled once, every shape checked.
 Left out on purpose: pickled checkpoints (pytorch_model.bin are never unpickled) and name remapping of old
 remote-code layouts (transformer.h.*, mixer.Wqkv), which are refused with a message.
@@ -176,7 +176,7 @@ def fingerprint(model: Phi2) -> str:
 
 
 def legacy_fingerprint(model: Phi2) -> str:
-    """The fingerprint of versions before 2026-12-03 (samples rounded to bf16, which an fp16 re-save can change):
+    """The fingerprint earlier versions recorded (samples rounded to bf16, which an fp16 re-save can change):
     adapters and heads saved by them still load on the base they were made for."""
     return _sampled_hash(model, lambda name, tensor, sample: (
         name.encode(), sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()))
