@@ -138,7 +138,7 @@ def read_saved_config(folder: Path) -> dict:
         raise TrainingError(f"{folder}: nothing to resume (no state.safetensors); start without --resume")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, an integer of more than 4300 digits, too deep
         raise TrainingError(f"{path}: not valid JSON; the run folder is damaged: start a new --run-dir") from None
 
 
@@ -563,10 +563,10 @@ class Log:
 def read_log(path: Path) -> list[dict]:
     """metrics.jsonl's records; a last line cut short by a crash is left out."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # damaged: not JSON, a too-long integer, nested too deeply
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)

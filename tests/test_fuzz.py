@@ -2,6 +2,7 @@
 UsageError (whose message the CLIs print as one line), never another exception or a hang."""
 
 import json
+import re
 import shutil
 import struct
 
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import head_adapter  # noqa: E402
@@ -267,3 +268,249 @@ def test_export_inputs(export_inputs, tmp_path_factory, file, how, data, at, cha
         assert (out / export.MARKER).is_file() and (out / "config.json").is_file()
     assert not list(work.glob(".*partial"))
     shutil.rmtree(work)
+
+
+# ------------------------------------------------------------------------------ request bodies and SSE lines
+
+MODELS = ["base", "t"]
+keys = st.sampled_from(["model", "messages", "stop", "stream", "stream_options", "n", "max_tokens",
+                        "max_completion_tokens", "temperature", "top_p", "seed", "tools", "functions", "suffix",
+                        "logprobs", "echo", "prompt", "role", "content", "type", "text", "include_usage"])
+numbers = st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0, 1, 2, 16, 17, 1 << 20, -(2**63), 2**63 - 1, 2**63, 0.5, 1.0, 2.0, 2.5])
+request_values = st.recursive(
+    st.none() | st.booleans() | numbers | st.text(max_size=12) | st.sampled_from(MODELS + ["user", "text", ""]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys | st.text(max_size=6), inner, max_size=5),
+    max_leaves=16)
+bodies = st.dictionaries(keys, request_values, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies)
+def test_request_bodies(body):
+    """settings_of and last_user_message on any JSON object: their result, or an APIError with a 4xx status."""
+    from serving import api
+    for check in (lambda: api.settings_of(body, MODELS), lambda: api.last_user_message(body)):
+        try:
+            result = check()
+        except api.APIError as e:
+            assert 400 <= e.status < 500 and json.dumps(e.body())
+        else:
+            assert result is not None
+
+
+class _Body:
+    """What API.read_json reads of a starlette Request: its headers and its body, in pieces."""
+
+    def __init__(self, data: bytes, content_type: str):
+        self.data, self.headers = data, {"content-type": content_type}
+
+    async def stream(self):
+        for i in range(0, len(self.data), 7):
+            yield self.data[i:i + 7]
+
+
+@FAST
+@given(data=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                      bodies.map(lambda b: json.dumps(b).encode()), st.just(b"[" * 100_000),
+                      st.just(b'{"n": ' + b"1" * 5000 + b"}"),
+                      st.just('{"model": "\ud800"}'.encode("utf-8", "surrogatepass"))),
+       content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain",
+                                     "application/x-www-form-urlencoded", "", "application/vnd.api+json"]))
+def test_request_body_reader(data, content_type):
+    """API.read_json on any bytes: a JSON object, or an APIError with a 4xx status."""
+    import asyncio
+
+    from serving import api
+    reader = api.API.__new__(api.API)  # read_json needs none of the server's state
+    try:
+        body = asyncio.run(reader.read_json(_Body(data, content_type)))
+    except api.APIError as e:
+        assert 400 <= e.status < 500
+    else:
+        assert isinstance(body, dict)
+
+
+def _escapes(key: str) -> list[str]:
+    """Ways a JSON string may spell key: as it is, JSON-escaped, and with one or every character \\u-escaped."""
+    every = ["".join(f"\\u{ord(c):04{x}}" if ord(c) < 0x10000 else json.dumps(c)[1:-1] for c in key) for x in "xX"]
+    one = [key[:i] + f"\\u{ord(c):04x}" + key[i + 1:] for i, c in enumerate(key) if ord(c) < 0x10000]
+    return [key, json.dumps(key)[1:-1], json.dumps(key, ensure_ascii=False)[1:-1], *every, *one]
+
+
+def _strings(value):
+    """Every string in a JSON value, its object keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+
+
+# Keys without '*' (redaction writes ***, in which a key of stars would show again) and, in the test that must
+# pass today, without the characters JSON itself escapes (" \\ and controls; see the strict xfail below).
+sse_keys = st.text(st.characters(blacklist_characters='*"\\', blacklist_categories=["Cs", "Cc"]), min_size=1,
+                   max_size=12) | st.sampled_from(["sk-test-123", "k", "0", "u0", "é", "\u2028", "sk-proj-AbC_12"])
+
+
+def _sse_line(key, where, value, spellings):
+    """A JSON body or an SSE line whose JSON holds the key once per spelling (an index into _escapes(key))."""
+    escapes = _escapes(key)
+    inner = json.dumps({"choices": [{"delta": {"content": f"<K{i}>"}} for i in range(len(spellings))], "v": value})
+    for i, n in enumerate(spellings):
+        inner = inner.replace(f"<K{i}>", "error: bad key " + escapes[n % len(escapes)])
+    return (where + inner).encode()
+
+
+def _check_redacted(line, key):
+    from serving.proxy import redact_body
+    out = redact_body(line, key)
+    assert isinstance(out, bytes)
+    for spelling in _escapes(key):
+        assert spelling.encode() not in out, spelling
+    field = re.match(rb"^(data|event|id|retry):\x20?", out)
+    try:
+        body = json.loads(out[field.end():] if field else out)
+    except (ValueError, RecursionError):
+        return
+    assert not any(key in s for s in _strings(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=sse_keys, where=st.sampled_from(["", "data:", "data: ", "event: ", "data:  "]), value=json_values,
+       spelling=st.integers(0, 40), raw=st.binary(max_size=80), as_json=st.booleans())
+def test_sse_lines_from_an_upstream(key, where, value, spelling, raw, as_json):
+    """redact_body never raises, and the key never comes through: as bytes, nor in a body's or an SSE line's JSON
+    however it is escaped (as it is, JSON-escaped, with \\u-escapes of one or all of its characters)."""
+    _check_redacted(_sse_line(key, where, value, [spelling]) if as_json else raw, key)
+
+
+@pytest.mark.xfail(strict=True, reason="serving/proxy.py redact_body replaces the key's bytes before it parses the "
+                                       "JSON; where that replacement breaks an escape, the JSON step is skipped and "
+                                       "another escaped spelling passes (reported; remove this mark once fixed)")
+@pytest.mark.parametrize("key, spellings", [("000", [3, 5]), ("0af1c9", [3, 5]), ('"', [3])])
+def test_a_key_spelled_twice_or_holding_a_json_escape_is_redacted(key, spellings):
+    _check_redacted(_sse_line(key, "data: ", None, spellings), key)
+
+
+# ------------------------------------------------------------------------------------------- run folders
+
+log_lines = st.one_of(
+    json_values.map(json.dumps),
+    st.fixed_dictionaries({"step": st.integers(-2, 6) | json_values}, optional={"loss": json_values}).map(json.dumps),
+    st.just("[" * 5000), st.just('{"step": ' + "1" * 5000 + "}"), st.text(max_size=30))
+
+
+@FAST
+@given(lines=st.lists(log_lines, max_size=6), cut=st.integers(0, 400), raw=st.binary(max_size=60),
+       use_raw=st.booleans(), step=st.integers(0, 5))
+def test_run_log_readers(tmp_path, lines, cut, raw, use_raw, step):
+    """metrics.jsonl, whatever it holds (any bytes, a line cut short): read_log gives its records, trim_log keeps
+    those up to the step; neither raises."""
+    from support import training
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(raw if use_raw else "\n".join(lines).encode()[:cut])
+    records = training.read_log(path)
+    assert all(isinstance(r, dict) and type(r["step"]) is int for r in records)
+    training.trim_log(path, step)
+    assert [r["step"] for r in training.read_log(path)] == [r["step"] for r in records if r["step"] <= step]
+
+
+@FAST
+@given(data=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                      st.just(b"[" * 100_000), st.just(b'{"lr": ' + b"1" * 5000 + b"}")))
+def test_saved_config_reader(tmp_path, data):
+    """train_config.json, whatever it holds: its settings, or one TrainingError line."""
+    from support import training
+    (tmp_path / "state.safetensors").write_bytes(b"")
+    (tmp_path / "train_config.json").write_bytes(data)
+    try:
+        training.read_saved_config(tmp_path)
+    except training.TrainingError as e:
+        assert "\n" not in str(e)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A tiny stage-1 run stopped after step 1 of 2 (its folder kept pristine beside it) and its settings."""
+    import train_sft
+    from prompts import DEFAULT_DATA
+    root = tmp_path_factory.mktemp("fuzz-run")
+    data = root / "pairs.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:12]))
+    cfg = dict(model="tiny", data=str(data), run_dir=str(root / "run"), batch_size=4, grad_accum=1, rank=2,
+               max_steps=2, device="cpu", precision="fp32")
+    train_sft.main(train_sft.TrainConfig(**cfg, stop_after=1))
+    shutil.copytree(root / "run", root / "pristine")
+    return root, cfg
+
+
+def _resume(stopped_run, file, damage, cli=False):
+    """--resume on the stopped run with file damaged by damage(bytes) -> bytes: 'resumed' or the one-line error."""
+    import train_sft
+    root, cfg = stopped_run
+    run = root / "run"
+    shutil.rmtree(run)
+    shutil.copytree(root / "pristine", run)
+    (run / file).write_bytes(damage((run / file).read_bytes()))
+    try:
+        train_sft.main(train_sft.parse_args(["--run-dir", str(run), "--resume"]) if cli else
+                       train_sft.TrainConfig(**cfg, resume=True))
+    except UsageError as e:
+        assert "\n" not in str(e)
+        return str(e)
+    return "resumed"
+
+
+damaged_lines = st.lists(st.one_of(st.just("[" * 5000), st.just('{"step": ' + "1" * 5000 + "}"), st.text(max_size=30),
+                                  json_values.map(json.dumps)), max_size=4)
+
+
+# few examples: each resumes (or refuses) a run; no shrinking, which would rerun it many times
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(file=st.sampled_from(["metrics.jsonl", "train_config.json", "state.safetensors"]),
+       how=st.sampled_from(["cut", "bytes", "lines"]), at=st.integers(0, 10**6), data=st.binary(max_size=80),
+       lines=damaged_lines)
+@example(file="metrics.jsonl", how="bytes", at=0, data=b"\xff\xfe{", lines=[])
+@example(file="state.safetensors", how="cut", at=5000, data=b"", lines=[])
+def test_resume_from_a_damaged_run_folder(stopped_run, file, how, at, data, lines):
+    """--resume on a run folder whose metrics.jsonl holds any bytes or damaged lines, or whose train_config.json or
+    state.safetensors is cut short: the run resumes, or one UsageError line says why not."""
+    if file != "metrics.jsonl":  # only cut short: what else they may hold is in the strict xfail below
+        how = "cut"
+    damage = {"cut": lambda good: good[:at % max(len(good), 1)], "bytes": lambda good: data,
+              "lines": lambda good: good + "\n".join(lines).encode()}[how]
+    _resume(stopped_run, file, damage)
+
+
+def _state_step(good: bytes) -> bytes:
+    """state.safetensors with its step metadata 'one'."""
+    n = struct.unpack("<Q", good[:8])[0]
+    header = json.loads(good[8:8 + n])
+    header["__metadata__"]["step"] = "one"
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + good[8 + n:]
+
+
+def _config_change(**changes):
+    return lambda good: json.dumps({**json.loads(good), **changes}).encode()
+
+
+@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError, ValueError),
+                   reason="support/training.py reads these run-folder values unchecked (reported; remove a case's "
+                          "mark once it gives one line)")
+@pytest.mark.parametrize("file, damage, cli", [
+    ("train_config.json", lambda good: b"[]", False),  # read_saved_config returns a list
+    ("train_config.json", _config_change(hardware=[1]), False),  # Run.open: was.get
+    ("train_config.json", _config_change(inputs=[1]), False),  # Run.check_inputs: .get
+    ("train_config.json", _config_change(lr="x"), True),  # parse_config takes saved settings unchecked
+    ("state.safetensors", _state_step, False),  # load_state: int(metadata["step"])
+    ("metrics.jsonl", lambda good: good + b'{"step": 0, "loss": null}\n', False),  # Log.draw: a loss that is null
+], ids=["config-list", "config-hardware", "config-inputs", "cli-lr", "state-step", "log-loss-null"])
+def test_resume_with_run_folder_values_of_the_wrong_type(stopped_run, file, damage, cli):
+    _resume(stopped_run, file, damage, cli)
