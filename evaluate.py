@@ -22,6 +22,8 @@ results.json, judgments.jsonl and report.html, a page that gives the answer firs
 intervals as a chart, then the table) and then every item side by side, filtered to wins, ties or losses.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import hashlib
 import html
 import json
@@ -50,7 +52,7 @@ from support.llm import (
     request_settings,
 )
 from support.plots import interval_chart
-from support.prompter import Prompter, add_args
+from support.prompter import Prompter, add_args, base_config
 
 JUDGE_SYSTEM = "You are a careful and impartial judge of the answers AI assistants give to users."
 JUDGE_PROMPT = """\
@@ -344,7 +346,7 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
     todo = [t for t in texts if t not in done]
     if not todo:
         return done
-    hw = hardware.resolve(cfg.device, cfg.precision)
+    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
     target = prompter.targets[0] if prompter.targets else None
     context = prompter.model.config.block_size

@@ -16,6 +16,8 @@ It holds a marker, .phi2-prompter-export.json, listing the files written; --over
 that holds that marker and nothing but the files it lists (or nothing at all), and refuses anything else.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import json
 import os
 import shutil

@@ -9,6 +9,8 @@ a progress bar; --json prints one object per line. --out FILE writes the results
 in FILE.partial as they come so that a stopped run resumes where it was.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import dataclasses
 import json
 import os
@@ -25,7 +27,7 @@ from phi2.files import write_atomic
 from phi2.generation import compiled
 from prompts import read_prompts
 from support import cli, hardware
-from support.prompter import Prompter, add_args
+from support.prompter import Prompter, add_args, base_config
 
 WINDOW = 8  # batches per window: prompts are sorted by length within a window, results leave in order
 
@@ -103,7 +105,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
     prompts = collect_prompts(cfg)
     if cfg.out:
         _check_out(cfg.out)  # before the model loads
-    hw = hardware.resolve(cfg.device, cfg.precision)
+    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
     print(hw.describe(), file=sys.stderr)
     context = prompter.model.config.block_size

@@ -13,6 +13,8 @@ It shows the mechanism (each head pulls the rewrites towards its target's style)
 million parameters; the real use is Phi-2 with pairs collected from real target LLMs (target_data.py).
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import contextlib
 import io
 import math
@@ -112,7 +114,7 @@ def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=
     (out / MARKER).write_text("made by quickstart.py; replaced by the next run\n")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
-    hw = hardware.resolve(device, precision)
+    hw = hardware.resolve(device, precision, phi2.PRESETS["tiny"])
     print(hw.describe())
     on = ["--device", device, "--precision", precision]
 

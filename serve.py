@@ -19,6 +19,8 @@ request gets alone. The OpenAI side is serving/api.py, the proxy serving/proxy.p
 stderr.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import os
 import re
 import sys
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from phi2.errors import UsageError
 from support import cli, hardware
-from support.prompter import Prompter, add_args
+from support.prompter import Prompter, add_args, base_config
 
 
 @dataclass
@@ -135,7 +137,7 @@ def load(cfg: ServeConfig):
             raise UsageError(f"--api-key-env {cfg.api_key_env}: the variable is not set; set it to the key clients "
                              "must send")
     log = ProxyLog(cfg.log) if cfg.log else None  # checked now, not after an upstream call is paid for
-    hw = hardware.resolve(cfg.device, cfg.precision)
+    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
     heads = {"base": None, **{t: prompter.heads[t] for t in prompter.targets}}
     upstreams = upstreams_of(cfg, heads)

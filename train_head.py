@@ -9,6 +9,8 @@ epochs train the head on them alone (--no-cache recomputes them each time; tests
 shows both give the same head). --out is the best head by validation loss; --run-dir holds the run.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import re
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from phi2.model import answer_rows
 from prompts import IGNORE_INDEX, collate, read_pairs
 from support import cli, ddp, training
 from support.hardware import to_device
-from support.prompter import Prompter, add_args
+from support.prompter import Prompter, add_args, base_config
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -70,7 +72,7 @@ def parse_args(argv=None) -> HeadConfig:
 
 def main(cfg: HeadConfig) -> dict:
     training.check_output_kind(cfg.out, folder=False, flag="--out")
-    run = training.Run.open(cfg, cfg.out)
+    run = training.Run.open(cfg, cfg.out, base_config(cfg.model, cfg.lora))
     world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     prompter = Prompter.load(cfg.model, cfg.lora, dtype=hw.dtype, device=hw.device)

@@ -9,6 +9,8 @@ state.safetensors, from which `--run-dir DIR --resume` continues exactly. `--mod
 tiny model offline, whose base and tokenizer are written to <run-dir>/base.
 """
 
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
 import argparse
 import shutil
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from phi2.weights import fingerprint
 from prompts import DEFAULT_DATA, collate, format_answer, format_prompt, read_pairs
 from support import cli, ddp, training
 from support.hardware import to_device
+from support.prompter import base_config
 
 
 @dataclass
@@ -64,7 +67,8 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(cfg: TrainConfig) -> dict:
     training.check_output_kind(cfg.out, folder=True, flag="--out")
-    run = training.Run.open(cfg, cfg.out)
+    config = phi2.PRESETS["tiny"] if cfg.model == "tiny" else base_config(cfg.model)
+    run = training.Run.open(cfg, cfg.out, config)
     world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     with world.main_first():  # under torchrun, rank 0 writes a tiny base; the others then read it

@@ -102,6 +102,9 @@ def start(world: World, device: torch.device):
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+        if "OMP_NUM_THREADS" not in os.environ:  # the processes on this machine share its cores; the user's wins
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+            torch.set_num_threads(max(1, torch.get_num_threads() // local))
 
 
 def wrap(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:

@@ -11,6 +11,7 @@ picks a device or dtype of its own.
 
 import contextlib
 import os
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class Hardware:
     device: torch.device
     precision: str  # "bf16", "fp16" or "fp32"
     reason: str  # why this device and precision: the first line a run prints, and part of its saved config
+    threads: int | None = None  # the CPU threads this process computes on (None: not a CPU)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -50,10 +52,12 @@ class Hardware:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def describe(self) -> str:
-        return f"device {self.device}, precision {self.precision} ({self.reason})"
+        threads = f", {self.threads} thread{'s' * (self.threads != 1)}" if self.threads else ""
+        return f"device {self.device}, precision {self.precision} ({self.reason}){threads}"
 
     def to_dict(self) -> dict:
-        return {"device": str(self.device), "precision": self.precision, "reason": self.reason}
+        return {"device": str(self.device), "precision": self.precision, "reason": self.reason,
+                "threads": self.threads}
 
 
 def cpu_bf16_native() -> bool:
@@ -98,8 +102,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def auto_precision(device: torch.device) -> tuple[str, str]:
-    """(precision, reason) for --precision auto on device."""
+BF16_MIN_WIDTH = 256  # on a CPU with native bf16, narrower models run faster in fp32 (bench/cpu.py)
+NARROW = 256  # a narrower model decodes on one CPU thread (bench/cpu.py)
+
+
+def auto_precision(device: torch.device, config=None) -> tuple[str, str]:
+    """(precision, reason) for --precision auto on device, for a model of this config (None: Phi-2's width)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if cuda_bf16_native(device):
@@ -110,6 +118,10 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
             return "bf16", "MPS on macOS 14 or newer computes in bf16"
         return "fp32", "MPS before macOS 14 has no bf16"
     capability = torch.backends.cpu.get_cpu_capability()
+    width = 2560 if config is None else config.n_embd
+    if cpu_bf16_native() and width < BF16_MIN_WIDTH:
+        return "fp32", (f"the CPU has native bf16 (torch says {capability}), but a model {width} wide is faster in "
+                        f"fp32: below {BF16_MIN_WIDTH}, casts and small matmuls cost more than bf16 saves")
     if cpu_bf16_native():
         return "bf16", f"the CPU has native bf16 (AMX or AVX-512 BF16; torch says {capability})"
     return "fp32", (f"the CPU has no native bf16 (torch says {capability}, no AVX-512 BF16 or AMX), where bf16 "
@@ -119,15 +131,32 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
 _warned = set()
 
 
-def resolve(device: str = "auto", precision: str = "auto") -> Hardware:
-    """--device and --precision, resolved; an explicit precision the hardware does badly warns once."""
+def cpu_threads(config=None, work: str = "train") -> int:
+    """The intra-op threads for this work on the CPU, set now: the user's OMP_NUM_THREADS if given; one to decode
+    a model narrower than NARROW, whose matmuls are too small to split (a second thread costs more in
+    synchronisation than it saves, and fights any other process for the cores); else torch's default, a
+    thread per core."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        narrow = config is not None and config.n_embd < NARROW
+        torch.set_num_threads(1 if work == "decode" and narrow else _CORES)
+    return torch.get_num_threads()
+
+
+_CORES = torch.get_num_threads()  # torch's own default, read before anything changes it
+
+
+def resolve(device: str = "auto", precision: str = "auto", config=None, work: str = "train") -> Hardware:
+    """--device and --precision, resolved for a model of this config (its width decides on a CPU) and this work
+    ("train" or "decode"), which also sets the CPU threads; an explicit precision the hardware does badly warns
+    once."""
     if precision not in PRECISIONS:
         raise DeviceError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
-    chosen, reason = auto_precision(dev)
+    chosen, reason = auto_precision(dev, config)
     how = "auto" if device == "auto" else "as asked"
+    threads = cpu_threads(config, work) if dev.type == "cpu" else None
     if precision == "auto":
-        return Hardware(dev, chosen, f"{how}; {reason}")
+        return Hardware(dev, chosen, f"{how}; {reason}", threads)
     warning = None
     if dev.type == "cpu" and precision == "bf16" and not cpu_bf16_native():
         warning = ("--precision bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): its bf16 matmuls are "
@@ -140,7 +169,18 @@ def resolve(device: str = "auto", precision: str = "auto") -> Hardware:
     if warning and warning not in _warned:
         _warned.add(warning)
         print(f"warning: {warning}", file=sys.stderr)
-    return Hardware(dev, precision, f"{how}; --precision {precision} as asked")
+    return Hardware(dev, precision, f"{how}; --precision {precision} as asked", threads)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def memory_gb(device: torch.device) -> float:

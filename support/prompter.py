@@ -45,6 +45,15 @@ def base_folder(model_dir, lora_dir) -> Path:
     return folder
 
 
+def base_config(model_dir, lora_dir=None) -> phi2.Phi2Config | None:
+    """The base's config, which decides the precision on a CPU; None where there is no checkpoint (loading it
+    then says why)."""
+    try:
+        return phi2.Phi2Config.from_hf_json(base_folder(model_dir, lora_dir) / "config.json")
+    except phi2.CheckpointError:
+        return None
+
+
 class Prompter:
     """model: the merged base (frozen, eval mode); fingerprints: the base's (taken before the merge, with the
     older hash heads saved before the sign-bit fingerprint recorded); stage1: the adapter's identity ("none");

@@ -149,3 +149,30 @@ def test_the_placement_test_can_fail(tiny_cfg):
         h = model.hidden_states(torch.zeros(1, 4, dtype=torch.long, device="meta"))
         h + torch.zeros(tiny_cfg.n_embd).to("meta")  # the mistake: a CPU tensor, then moved
     assert mode.off_device == ["aten.zeros.default on cpu"]
+
+
+def test_auto_on_a_cpu_with_native_bf16_picks_fp32_for_a_narrow_model_and_says_why(machine):
+    import phi2
+    machine(cpu_bf16=True)
+    narrow = hardware.resolve("cpu", "auto", phi2.PRESETS["tiny"])
+    wide = hardware.resolve("cpu", "auto", phi2.PRESETS["phi-2"])
+    assert (narrow.precision, wide.precision) == ("fp32", "bf16")
+    assert "128 wide is faster in fp32" in narrow.reason and narrow.to_dict()["precision"] == "fp32"
+    machine(cpu_bf16=False)
+    assert hardware.resolve("cpu", "auto", phi2.PRESETS["phi-2"]).precision == "fp32"
+
+
+def test_a_narrow_model_decodes_on_one_thread_unless_the_user_says_otherwise(monkeypatch):
+    import phi2
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert hardware.cpu_threads(phi2.PRESETS["tiny"], "decode") == 1
+        assert hardware.cpu_threads(phi2.PRESETS["tiny"], "train") == hardware._CORES
+        assert hardware.cpu_threads(phi2.PRESETS["phi-2"], "decode") == hardware._CORES
+        assert hardware.resolve("cpu", "fp32", phi2.PRESETS["tiny"], work="decode").describe().endswith(", 1 thread")
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+        torch.set_num_threads(3)
+        assert hardware.cpu_threads(phi2.PRESETS["tiny"], "decode") == 3
+    finally:
+        torch.set_num_threads(before)

@@ -123,6 +123,7 @@ def test_without_validation_out_holds_the_final_weights_after_a_resume(data, tmp
 def test_resume_refuses_an_auto_precision_that_resolves_differently(data, tmp_path, monkeypatch):
     from support import hardware
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(hardware, "BF16_MIN_WIDTH", 0)  # the tiny model as wide as one auto gives bf16 to
     train_sft.main(config(data, tmp_path, max_steps=3, stop_after=1, device="cpu"))
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: True)  # the same run, resumed on an AMX machine
     with pytest.raises(training.TrainingError,

@@ -1,0 +1,137 @@
+"""CPU speed by precision, and by company: a training step and a decode in fp32 and bf16 for the tiny and the
+2-layer full-width shapes; then one process alone against two at once. Ratios from one run.
+
+    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive]
+
+Part 1, per shape: each precision's LoRA training step and greedy decode (8 prompts, 24 new tokens), and what
+`--precision auto` picks, with its time over the fastest explicit precision's (the goal: within 10%).
+Part 2: the same decode and training step in a child process alone, then two children at once, under each
+policy: `ours` (what every command sets: support/threads.py's short spin at OpenMP's barriers, and
+hardware.cpu_threads' thread count), `today` (libgomp's own default, spinning 300,000 rounds at each barrier,
+a thread per core) and `passive` (OMP_WAIT_POLICY=PASSIVE, a thread per core). The goals: two at once take at
+most 2.5x one alone, and one alone under ours within 5% of today's. Run it with nothing else on the machine.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+
+import torch
+
+import lora
+import phi2
+from phi2.generation import generate
+from prompts import IGNORE_INDEX, Example, collate
+from support import hardware
+
+SHAPES = {"tiny": phi2.Phi2Config.from_name("tiny"),
+          "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2, resid_pdrop=0.0)}
+POLICIES = {"ours": {}, "today": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def train_seconds(config, precision, steps=None) -> float:
+    """Median seconds of a stage-1 LoRA step (rank 32, batch 4 x 96 tokens, loss on the last 48): of 3 steps,
+    or 15 of a model narrow enough that one step takes milliseconds."""
+    steps = steps or (3 if config.n_embd >= 1024 else 15)
+    hw = hardware.Hardware(torch.device("cpu"), precision, "bench")
+    model = phi2.build_model(config, dtype=hw.dtype, seed=0)
+    lora.inject(model, rank=32, alpha=64.0, dropout=0.05)
+    params = lora.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-4, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(4):
+        ids = torch.randint(0, config.vocab_size, (96,), generator=generator).tolist()
+        examples.append(Example(ids, [IGNORE_INDEX] * 48 + ids[48:]))
+    ids, labels = collate(examples, 0)
+    model.train()
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        t = time.perf_counter()
+        with hw.autocast():
+            loss, n = model.loss(ids, labels)
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def decode_seconds(config, precision, new=24) -> float:
+    """Seconds of a greedy decode of 8 prompts of 16 to 44 tokens, new tokens each (after a warm-up)."""
+    model = phi2.build_model(config, dtype=hardware.DTYPES[precision], seed=0).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (16 + 4 * i,), generator=generator).tolist() for i in range(8)]
+    generate(model, prompts, 2)
+    t = time.perf_counter()
+    generate(model, prompts, new)
+    return time.perf_counter() - t
+
+
+def worker(args):
+    config = SHAPES[args.shape]
+    if args.policy == "ours":  # the threads a command would take for this work
+        hardware.cpu_threads(config, args.work)
+    work = {"train": train_seconds, "decode": decode_seconds}[args.work]
+    print(json.dumps({"seconds": work(config, args.precision), "threads": torch.get_num_threads()}))
+
+
+def child(shape, precision, work, policy) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(POLICIES[policy])
+    return subprocess.Popen([sys.executable, __file__, "--worker", shape, precision, work, policy], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def work_seconds(procs) -> float:
+    """The longest of the children's own timings of their work (their start-up left out)."""
+    return max(json.loads(p.communicate()[0])["seconds"] for p in procs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="tiny,phi-2-2layer", help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--policies", default="ours,today", help="comma-separated: " + ", ".join(POLICIES))
+    p.add_argument("--worker", nargs=4, metavar=("SHAPE", "PRECISION", "WORK", "POLICY"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.shape, args.precision, args.work, args.policy = args.worker
+        return worker(args)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU: {hardware.cpu_name()} ({cpu}; native bf16: {hardware.cpu_bf16_native()}), "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    shapes = args.shapes.split(",")
+    print("\n1. precision: seconds per training step / per decode (8 prompts x 24 tokens)")
+    print(f"{'shape':14s} {'work':7s} {'fp32':>8s} {'bf16':>8s}  auto   auto / fastest")
+    for shape in shapes:
+        config = SHAPES[shape]
+        auto = hardware.auto_precision(torch.device("cpu"), config)[0]
+        for work, run in (("train", train_seconds), ("decode", decode_seconds)):
+            t = {precision: run(config, precision) for precision in ("fp32", "bf16")}
+            ratio = t[auto] / min(t.values())
+            print(f"{shape:14s} {work:7s} {t['fp32']:8.3f} {t['bf16']:8.3f}  {auto:5s}  {ratio:.2f}")
+
+    print("\n2. company: seconds of the work in one child alone, and in the slower of two at once (goal: <= 2.5x)")
+    print(f"{'shape':14s} {'work':7s} {'precision':9s} {'policy':8s} {'alone':>7s} {'two':>7s} {'ratio':>6s}")
+    for shape in shapes:
+        for work in ("decode", "train"):
+            for precision in ("fp32", "bf16"):
+                for policy in args.policies.split(","):
+                    alone = work_seconds([child(shape, precision, work, policy)])
+                    two = work_seconds([child(shape, precision, work, policy) for _ in range(2)])
+                    print(f"{shape:14s} {work:7s} {precision:9s} {policy:8s} {alone:7.3f} {two:7.3f} "
+                          f"{two / alone:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
