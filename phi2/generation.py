@@ -111,9 +111,9 @@ class Batch:
     leave between steps; step() feeds every row one token, padded to a row-invariant count."""
 
     def __init__(self, model: Phi2, heads=(), decode=decode_step):
-        self.model, self.decode = model, decode
+        self.model, self.heads, self.decode = model, list(heads), decode
         self.device = model.lm_head.weight.device
-        self.counts = safe_rows(model, heads)
+        self.counts = safe_rows(model, self.heads)
         self.caches: list[KVCache] = []
         self.h = None  # (B, C)
 

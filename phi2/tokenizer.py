@@ -8,13 +8,13 @@ skips it for BPE tokenizers too). `train_tokenizer` builds the same kind of toke
 offline `tiny` model, which has no released tokenizer.
 """
 
-import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .config import read_json
 from .errors import UsageError
 from .files import atomic_path
 
@@ -80,11 +80,13 @@ def load_tokenizer(path) -> Tokenizer:
     eos = EOS_TOKEN
     config = file.with_name("tokenizer_config.json")
     if config.exists():
-        try:
-            token = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            raise TokenizerError(f"{config}: not a JSON object; download it again or delete it") from None
-        eos = (token.get("content") if isinstance(token, dict) else token) or eos  # str or {"content": ...}
+        settings = read_json(config, TokenizerError, "download it again or delete it")
+        token = settings.get("eos_token") if isinstance(settings, dict) else None
+        token = token.get("content") if isinstance(token, dict) else token  # str or {"content": ...}
+        if not isinstance(settings, dict) or not isinstance(token, str | None):
+            raise TokenizerError(f"{config}: not a tokenizer config (an object whose eos_token is a string); download "
+                                 "it again or delete it")
+        eos = token or eos
     return Tokenizer(tokenizer, eos)
 
 

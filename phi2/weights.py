@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import Phi2Config
+from .config import Phi2Config, read_json
 from .errors import UsageError
 from .files import atomic_path
 from .model import Phi2
@@ -75,14 +75,14 @@ def check_finite(tensor, path, name, error=None):
                                          "damaged (or was saved from a diverged run): use another copy")
 
 
-def open_checked(path: Path, error=None):
+def open_checked(path: Path, error=None, fix="download it again"):
     """safe_open on path (pread backend), with a damaged file named in one line (as `error`, by default a
-    CheckpointError)."""
+    CheckpointError) that ends with what to do."""
     try:
         return safe_open(path, framework="pt", backend="pread")
     except SafetensorError as e:
         reason = next((ours for theirs, ours in _DAMAGE.items() if theirs in str(e)), "unreadable header")
-        raise (error or CheckpointError)(f"{path}: not a safetensors file ({reason}); download it again") from None
+        raise (error or CheckpointError)(f"{path}: not a safetensors file ({reason}); {fix}") from None
 
 
 def read_header(f, path: Path) -> dict:
@@ -102,10 +102,11 @@ def checkpoint_files(folder: Path) -> dict:
     """{HF tensor name: file} for a folder with model.safetensors or a sharded index."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map'); download it again") from None
+        weight_map = read_json(index, CheckpointError, "download it again")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' of tensor names to files); "
+                                  "download it again")
         files = {}
         for name, shard in weight_map.items():
             if not (folder / shard).exists():

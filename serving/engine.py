@@ -91,7 +91,7 @@ class Engine:
         self.queue = collections.deque()  # requests waiting to be admitted, oldest first
         self.arrived = threading.Condition()
         self.rows: list[Request] = []  # the running requests, in the batch's row order
-        self.batch = Batch(model, [h for h in heads.values() if h is not None])
+        self.batch = Batch(model, [h for h in heads.values() if h is not None])  # the running rows
         threading.Thread(target=self._loop, daemon=True, name="decoder").start()
 
     # ------------------------------------------------------------------------ what the API side calls
@@ -119,7 +119,7 @@ class Engine:
                 traceback.print_exc(file=sys.stderr)
                 for request in self.rows:
                     request.fail(f"internal error ({type(e).__name__})")
-                self.rows, self.batch.caches, self.batch.h = [], [], None
+                self.rows, self.batch = [], Batch(self.model, self.batch.heads)
 
     @torch.inference_mode()
     def run(self):

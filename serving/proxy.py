@@ -36,15 +36,16 @@ def redact_body(data: bytes, key: str | None) -> bytes:
     JSON body, or the JSON of one SSE line); what holds no key, even escaped, passes as it came."""
     if not key:
         return data
-    data = data.replace(key.encode(), b"***")
     field = SSE_FIELD.match(data)
     prefix, rest = (data[:field.end()], data[field.end():]) if field else (b"", data)
-    try:
-        obj = json.loads(rest)
+    try:  # parsed before anything is replaced: a replacement could break an escape that spells the key
+        text = json.dumps(json.loads(rest), ensure_ascii=False)
     except (ValueError, RecursionError):
-        return data
-    text = json.dumps(obj, ensure_ascii=False)
-    return prefix + text.replace(key, "***").encode() if key in text else data
+        return data.replace(key.encode(), b"***")
+    escaped = json.dumps(key, ensure_ascii=False)[1:-1]  # the key as it shows inside a JSON string
+    if key in text or escaped in text:
+        data = prefix + text.replace(escaped, "***").replace(key, "***").encode()
+    return data.replace(key.encode(), b"***")
 
 
 class ProxyLog:

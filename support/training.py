@@ -21,6 +21,8 @@ import signal
 import sys
 import threading
 import time
+import types
+import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from phi2.config import read_json
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
 from phi2.weights import open_checked
@@ -128,18 +131,42 @@ def parse_config(p: argparse.ArgumentParser, argv, make):
     run_dir = args.run_dir or (make(**vars(args)).run_dir if "target" in given else "")
     saved = read_saved_config(Path(run_dir)) if run_dir else {}
     fields = {k: saved[k] for k in vars(args) if k in saved and k not in given and k not in ONE_INVOCATION}
+    kinds = typing.get_type_hints(make)
+    for key, value in fields.items():
+        if key in kinds and not _fits(value, kinds[key]):
+            raise TrainingError(f"{Path(run_dir) / 'train_config.json'}: '{key}' is {json.dumps(value)[:40]}, not a "
+                                f"value --{key.replace('_', '-')} takes; {DAMAGED}")
     return make(**{**vars(args), **fields, "run_dir": run_dir or args.run_dir, "resume": True})
 
 
+DAMAGED = "the run folder is damaged: start a new --run-dir"
+
+
 def read_saved_config(folder: Path) -> dict:
-    """A run folder's train_config.json; one line if there is none to resume."""
+    """A run folder's train_config.json; one line if there is none to resume, or if it is damaged."""
     path = folder / "train_config.json"
     if not (folder / "state.safetensors").exists() or not path.exists():
         raise TrainingError(f"{folder}: nothing to resume (no state.safetensors); start without --resume")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):  # not UTF-8, not JSON, an integer of more than 4300 digits, too deep
-        raise TrainingError(f"{path}: not valid JSON; the run folder is damaged: start a new --run-dir") from None
+    saved = read_json(path, TrainingError, DAMAGED)
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k, {}), dict) for k in ("hardware", "inputs")):
+        raise TrainingError(f"{path}: not the settings of a run (an object, with objects for hardware and inputs); "
+                            f"{DAMAGED}")
+    if type(saved.get("processes", 1)) is not int:
+        raise TrainingError(f"{path}: 'processes' is {saved['processes']!r}, not a number of processes; {DAMAGED}")
+    return saved
+
+
+def _fits(value, kind) -> bool:
+    """Whether a value read from JSON is one of a config field's type (int, float, str, bool, None, tuple[str])."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return any(_fits(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if typing.get_origin(kind) in (tuple, list):
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return isinstance(value, kind)
 
 
 def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
@@ -227,10 +254,11 @@ class Run:
         self.folder = Path(cfg.run_dir)
 
     @classmethod
-    def open(cls, cfg: RunConfig, out) -> "Run":
-        """Check the folder (a fresh run, or one to resume with the settings it began with), resolve the hardware,
-        join the other processes under torchrun, and print the run's first line. out: the artefact the run
-        makes (the best adapter or head), which a fresh run may only replace with --overwrite."""
+    def open(cls, cfg: RunConfig, out, config=None) -> "Run":
+        """Check the folder (a fresh run, or one to resume with the settings it began with), resolve the hardware
+        (for a model of this config), join the other processes under torchrun, and print the run's first line.
+        out: the artefact the run makes (the best adapter or head), which a fresh run may only replace with
+        --overwrite."""
         world, folder, out = ddp.from_env(), Path(cfg.run_dir), Path(out)
         if folder.exists() and not folder.is_dir():
             raise TrainingError(f"--run-dir {folder} is a file; a run's folder goes there: choose another --run-dir")
@@ -243,7 +271,7 @@ class Run:
         elif out.exists() and not cfg.overwrite:
             raise TrainingError(f"{out} already exists (a trained adapter or head?); a new run would replace it: "
                                 "choose another --out, or pass --overwrite")
-        hw = hardware.resolve(ddp.device_name(cfg.device, world), cfg.precision)
+        hw = hardware.resolve(ddp.device_name(cfg.device, world), cfg.precision, config)
         was = saved.get("hardware", {})
         if was.get("precision", hw.precision) != hw.precision:
             raise TrainingError(f"{folder} was trained in {was['precision']} on {was.get('device')}, but here "
@@ -405,10 +433,22 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
     """Restore what save_state wrote, each tensor on its parameter's device; returns (step, best validation).
     Stops if the run is already where plan ends."""
     path, world = run.folder / "state.safetensors", run.world
-    with open_checked(path, TrainingError) as f:
+    with open_checked(path, TrainingError, fix=DAMAGED) as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    step = int(metadata.get("step", 0))
+    mine = "" if world.size == 1 else f".{world.rank}"
+    try:
+        step = int(metadata["step"])
+        best = json.loads(metadata["best"]) if "best" in metadata else {"val": float(metadata["best_val"]),
+                                                                         "step": None}
+        scaler_state = json.loads(metadata["scaler"]) if scaler and "scaler" in metadata else None
+        numbers = (int, float, type(None))
+        if (not isinstance(best, dict) or not all(isinstance(best.get(k), numbers) for k in ("val", "step", "first"))
+                or f"rng.torch{mine}" not in tensors or not isinstance(scaler_state, dict | None)):
+            raise ValueError
+    except (KeyError, ValueError, TypeError, RecursionError):
+        raise TrainingError(f"{path}: its step, best validation, gradient scale or random state is missing or "
+                            f"damaged; {DAMAGED}") from None
     if step >= plan.end:
         raise TrainingError(f"{run.folder} is already at step {step}, with nothing left to do up to {plan.end}; "
                             "raise --max-steps, --epochs or --stop-after")
@@ -425,13 +465,11 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
             if state:
                 state["step"] = state["step"].reshape(())
                 optimizer.state[p] = state
-    mine = "" if world.size == 1 else f".{world.rank}"
     torch.set_rng_state(tensors[f"rng.torch{mine}"])
     if f"rng.cuda{mine}" in tensors and run.hw.device.type == "cuda":
         torch.cuda.set_rng_state(tensors[f"rng.cuda{mine}"], run.hw.device)
-    if scaler and "scaler" in metadata:
-        scaler.load_state_dict(json.loads(metadata["scaler"]))
-    best = json.loads(metadata["best"]) if "best" in metadata else {"val": float(metadata["best_val"]), "step": None}
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     return step, best
 
 
@@ -568,7 +606,8 @@ def read_log(path: Path) -> list[dict]:
             record = json.loads(line)
         except (ValueError, RecursionError):  # damaged: not JSON, a too-long integer, nested too deeply
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if isinstance(record, dict) and type(record.get("step")) is int and all(
+                isinstance(record.get(k, 0.0), (int, float)) for k in ("loss", "val_loss")):
             records.append(record)
     return records
 

@@ -353,3 +353,21 @@ def test_a_lone_surrogate_in_a_prompt_or_a_reply_is_no_traceback(servers, tmp_pa
     llm = LLM(server.url + "/v1", "m", "TEST_KEY", max_retries=0)
     with pytest.raises(RequestFailed, match="lone surrogate"):  # any other caller: one request fails, not the run
         llm.chat([{"role": "user", "content": "\ud800"}])
+
+
+@pytest.mark.parametrize("text", [b"[" * 5000, b'{"eos_token": 5}', b'{"eos_token": {"content": 7}}', b"[]",
+                                  b"\xff\xfe", b'{"n": ' + b"1" * 5000 + b"}"])
+def test_a_damaged_tokenizer_config_is_one_line(tiny_checkpoint, tmp_path, text):
+    import shutil
+    shutil.copy(tiny_checkpoint / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_bytes(text)
+    with pytest.raises(phi2.tokenizer.TokenizerError, match="tokenizer_config.json: .*download it again or delete it"):
+        phi2.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text", [b"[" * 5000, b'{"weight_map": []}', b'{"weight_map": {"a": 1}}', b"\xff",
+                                  b'{"weight_map": ' + b"1" * 5000 + b"}"])
+def test_a_damaged_shard_index_is_one_line(tmp_path, text):
+    (tmp_path / "model.safetensors.index.json").write_bytes(text)
+    with pytest.raises(phi2.CheckpointError, match="model.safetensors.index.json: .*download it again"):
+        phi2.weights.checkpoint_files(tmp_path)
