@@ -2,7 +2,7 @@
 token, on the tiny preset and on a 2-layer full-width Phi-2 (goal: 16 clients at least 4x the throughput of
 one at a time, each reply equal to what its request gets alone).
 
-    python bench/serve.py [--requests 32] [--max-tokens 32] [--configs tiny,phi-2-2layer]
+    python bench/serve.py [--requests 32] [--max-tokens 32] [--configs tiny,phi-2-2layer] [--precisions fp32,bf16]
 
 Random-weight models (and a random head) written to a temporary folder; the server runs as `python
 serve.py` in a process of its own on 127.0.0.1; clients are threads using the openai client, each sending
@@ -94,7 +94,7 @@ def run_clients(client, requests, concurrency, max_tokens):
     return results, time.perf_counter() - start
 
 
-def bench(name, args):
+def bench(name, precision, args):
     import openai
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,11 +102,13 @@ def bench(name, args):
         if not make_model(name, folder):
             print(f"{name}: skipped (the Phi-2 tokenizer is not in {SHARED_TOKENIZER})")
             return None
+        name = f"{name} {precision}"
         port = free_port()
         log = open(folder / "server.log", "w")
         server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(folder), "--head",
                                    str(folder / "t.safetensors"), "--port", str(port), "--max-batch", "16",
-                                   "--max-queue", "256", "--device", args.device], cwd=ROOT, stderr=log)
+                                   "--max-queue", "256", "--device", args.device, "--precision", precision],
+                                  cwd=ROOT, stderr=log)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
             for _ in range(600):  # up to a minute to load
@@ -144,10 +146,12 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--configs", default="tiny,phi-2-2layer")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated; each gets a server of its own")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in args.configs.split(","):
-        bench(name, args)
+        for precision in args.precisions.split(","):
+            bench(name, precision, args)
 
 
 if __name__ == "__main__":
