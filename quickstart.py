@@ -151,8 +151,9 @@ def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=
     print(f"{'':18s}" + "".join(f"{s + ' refs':>18s}" for s in STYLES))
     for head in STYLES:
         print(f"{head + ' head':18s}" + "".join(f"{scores[head, s]:18.3f}" for s in STYLES))
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s; everything is in {out}. This is a tiny model trained for a "
-          "minute: it shows the mechanism, not the quality Phi-2 reaches.")
+    curves = ", ".join(str(out / run / "curves.svg") for run in ("sft", *(f"head-{style}" for style in STYLES)))
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; everything is in {out}, the training curves in {curves}. This "
+          "is a tiny model trained for a minute: it shows the mechanism, not the quality Phi-2 reaches.")
     return scores
 
 

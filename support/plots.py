@@ -36,7 +36,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     w, h = WIDTH - left - right, HEIGHT - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
            f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
-           f"<title>{html.escape(title)}</title>", f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>']
+           f"<title>{html.escape(title)}</title>", f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+           f'<text x="{PAD[0]}" y="18" font-size="13">{html.escape(title)}</text>']
     if not points:
         out.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle">no data yet</text></svg>')
         return "\n".join(out) + "\n"
