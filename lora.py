@@ -225,7 +225,7 @@ def load_adapter(model: Phi2, folder, merge_weights=False) -> dict:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     expected = metadata.get("phi2_base_fingerprint")
-    # the old hash is taken only when the current one does not match (adapters saved before 2026-12-03)
+    # the older hash (legacy_fingerprint) is taken only when the current one does not match
     if expected and expected != fingerprint(model) and expected != legacy_fingerprint(model):
         raise AdapterError(f"{file}: trained on another base model (fingerprint {expected}, this base is "
                            f"{fingerprint(model)}); load the base it was trained on")
