@@ -13,12 +13,15 @@ seconds per step (after one warm-up step; interference only slows a run down), t
 time), and the highest peak memory (the process's peak RSS on a CPU, the peak of allocated device memory
 on a GPU). --full adds the real budget: one step of the full 32-layer Phi-2 (random bf16 weights, loaded in
 the run's precision, batch 4 x 512, checkpointing), ours, with transformers + peft at batch 1 x 256 for
-reference.
+reference. --report-to tensorboard adds what logging costs: train_sft.py's own loop on each config, every step
+logged (--log-interval 1, the worst case), with and without the reporter, alternating, its median seconds
+per step from metrics.jsonl.
 """
 
 import argparse
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,6 +161,8 @@ def parse_args(argv=None):
     p.add_argument("--full-dir", default="/tmp/phi2-random-32layer",
                    help="a random 32-layer bf16 checkpoint (bench/load_memory.py writes one there if it is missing)")
     cli.add_hardware_args(p)
+    p.add_argument("--report-to", choices=["tensorboard", "wandb"],
+                   help="also time train_sft.py's step with and without this reporter")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)  # internal: one measuring process
     return p.parse_args(argv)
 
@@ -191,6 +196,8 @@ def main(args):
             row = (cname, "on" if checkpointing else "off", r["ours"], r["peft"])
             rows.append(row)
             _print(row, memory)
+    if args.report_to:
+        logging_cost(args, tmp, hw)
     if args.full:
         full = Path(args.full_dir)
         if not (full / "model.safetensors.index.json").exists():
@@ -212,6 +219,29 @@ def main(args):
         print(f"| {cname} | {ckpt} | {ours['seconds']:.2f} | {ref['seconds']:.2f} | "
               f"{ref['seconds'] / ours['seconds']:.2f}x | {1024 / ours['seconds']:.0f} | "
               f"{ours['peak_memory'] / 1e9:.2f} GB | {ref['peak_memory'] / 1e9:.2f} GB |")
+
+
+def logging_cost(args, tmp: Path, hw):
+    """train_sft.py on each config's checkpoint for 12 steps, every step logged, with and without --report-to:
+    the median of its steps' own seconds (metrics.jsonl), best of --rounds alternating runs each."""
+    import train_sft
+    from support.training import read_log
+    print(f"\nlogging: train_sft.py's step, every step logged, without and with --report-to {args.report_to}")
+    for cname in args.configs:
+        shutil.copy(SHARED / "phi-2" / "tokenizer.json", tmp / cname)  # the base needs its tokenizer to train
+        best = {}
+        for reporter in ("none", args.report_to) * args.rounds:
+            run_dir = tmp / f"run-{cname}-{reporter}-{len(best)}-{time.perf_counter_ns()}"
+            argv = ["--model", str(tmp / cname), "--run-dir", str(run_dir), "--max-steps", "12", "--batch-size", "4",
+                    "--grad-accum", "1", "--max-len", "256", "--log-interval", "1", "--eval-interval", "100",
+                    "--save-interval", "100", "--device", args.device, "--precision", hw.precision]
+            if reporter != "none":
+                argv += ["--report-to", reporter]
+            train_sft.main(train_sft.parse_args(argv))
+            seconds = statistics.median(r["seconds"] for r in read_log(run_dir / "metrics.jsonl")[2:] if "seconds" in r)
+            best[reporter] = min(best.get(reporter, seconds), seconds)
+        print(f"{cname:13s} {best['none']:.3f} s/step without, {best[args.report_to]:.3f} with: "
+              f"{best[args.report_to] / best['none']:.3f}x", flush=True)
 
 
 def _print(row, memory):

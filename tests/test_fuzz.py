@@ -351,9 +351,10 @@ def _strings(value):
             yield from _strings(v)
 
 
-# Keys without '*' (redaction writes ***, in which a key of stars would show again) and, in the test that must
-# pass today, without the characters JSON itself escapes (" \\ and controls; see the strict xfail below).
-sse_keys = st.text(st.characters(blacklist_characters="*", blacklist_categories=["Cs", "Cc"]), min_size=1,
+# Keys without '*' (redaction writes ***, in which a key of stars would show again) and without the characters
+# JSON itself escapes (" \\ and controls): a spelling that \u-escapes some of a key's characters and leaves a
+# quote bare is not JSON, which no client reads either (the cases below cover keys with a quote that are).
+sse_keys = st.text(st.characters(blacklist_characters='*"\\', blacklist_categories=["Cs", "Cc"]), min_size=1,
                    max_size=12) | st.sampled_from(["sk-test-123", "k", "0", "u0", "é", "\u2028", "sk-proj-AbC_12"])
 
 
