@@ -228,7 +228,8 @@ def _resume(partial: Path, prompts, targets, made_with: dict) -> dict:
             was = record["settings"] if isinstance(record["settings"], dict) else {"settings": record["settings"]}
             was = json.loads(json.dumps(was))
             now = json.loads(json.dumps(made_with))
-            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            # a key of a damaged file is shown as Python writes it: never a line break in the message
+            changed = sorted(k if k in now else repr(k) for k in set(was) | set(now) if was.get(k) != now.get(k))
             if changed:
                 raise UsageError(f"{partial}: results made with other settings ({', '.join(changed)} changed); "
                                  "rerun with those, or delete it or choose another --out")
