@@ -102,7 +102,7 @@ def main(cfg: TrainConfig) -> dict:
 
     # the optimizer over the LoRA tensors, and for fp16 a gradient scaler (bf16 has fp32's range and needs none)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scaler = torch.amp.GradScaler(hw.device.type) if hw.needs_scaler else None  # fp16's; bf16 needs none
+    scaler = torch.amp.GradScaler(hw.device.type) if hw.needs_scaler else None
     plan = training.Plan(cfg, train, world.size)
     loss_fn = ddp.wrap(training.LossOf(model), world, hw.device)  # model.loss, through DDP under torchrun
     if world.rank > 0:  # dropout differs between processes; rank 0 keeps the one-process stream
