@@ -350,13 +350,14 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
     prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
     target = prompter.targets[0] if prompter.targets else None
     context = prompter.model.config.block_size
-    fits = [t for t in todo if len(prompter.encode(t)) < context]
+    lengths = {t: len(prompter.encode(t)) for t in todo}
+    fits = [t for t in todo if lengths[t] < context]
     for text in set(todo) - set(fits):
         done[text] = ""
     if len(fits) < len(todo):
         print(f"{len(todo) - len(fits)} instructions are longer than the prompter's context of {context} tokens: "
               "their originals are used (counted as empty rewrites)", file=sys.stderr)
-    fits.sort(key=lambda t: len(prompter.encode(t)))  # less padding
+    fits.sort(key=lengths.get)  # less padding
     with open(path, "a", encoding="utf-8") as sink, tqdm(total=len(fits), unit="rewrite", file=sys.stderr) as bar:
         for start in range(0, len(fits), cfg.batch_size):
             batch = fits[start:start + cfg.batch_size]

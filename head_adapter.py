@@ -33,7 +33,7 @@ from phi2.model import Phi2
 from phi2.weights import DTYPES, open_checked
 
 FORMAT = "phi2-prompter head adapter v1"
-TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # train_head.py's rule for --target
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a target's name: it names files (--target)
 
 
 class HeadError(UsageError):

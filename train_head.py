@@ -11,19 +11,16 @@ shows both give the same head). --out is the best head by validation loss; --run
 
 import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from head_adapter import HeadAdapter, save_head
+from head_adapter import TARGET_NAME, HeadAdapter, save_head
 from phi2.model import answer_rows
 from prompts import IGNORE_INDEX, collate, read_pairs
 from support import cli, ddp, training
 from support.hardware import to_device
 from support.prompter import Prompter, add_args, base_config
-
-TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
