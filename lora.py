@@ -59,9 +59,10 @@ class LoRALinear(Linear):
         if not autocast_dtype(x):  # under autocast the matmuls pick the dtype
             x = x.to(self.lora_A.dtype)
         x = self.lora_dropout(x)  # dropout on the LoRA path only
-        # scale the rank-r intermediate rather than the output: the same product, far fewer multiplies;
-        # add in place (a Linear's backward does not need its output), one fewer activation-sized tensor
-        return y.add_(F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(y.dtype))
+        # scale the rank-r intermediate rather than the output: the same product, far fewer multiplies; add out
+        # of place: y is a view of the Linear's product, and an in-place add on a view costs backward two
+        # activation-sized copies (autograd's CopySlices), more than the tensor it saves
+        return y + F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(y.dtype)
 
     def delta(self):
         """The update (alpha/r) * B @ A (out, in), in fp32."""

@@ -74,7 +74,9 @@ def dropout(x, p: float, training: bool = True):
         drops = last + gaps.long().cumsum(0)
         keep[drops[drops < n]] = False
         last = int(drops[-1])
-    return (x * keep.view(x.shape)).mul_(1.0 / (1.0 - p))  # in place: one temporary of x's size, not two
+    # where, not x * keep: a bool mask times x is cast to x's dtype, forward and backward; then in place: one
+    # temporary of x's size, not two
+    return torch.where(keep.view(x.shape), x, 0.0).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
