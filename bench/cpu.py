@@ -1,7 +1,7 @@
 """CPU speed by precision, and by company: a training step and a decode in fp32 and bf16 for the tiny and the
 2-layer full-width shapes; then one process alone against two at once. Ratios from one run.
 
-    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive]
+    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive] [--against DIR]
 
 Part 1, per shape: each precision's LoRA training step and greedy decode (8 prompts, 24 new tokens), and what
 `--precision auto` picks, with its time over the fastest explicit precision's (the goal: within 10%).
@@ -9,10 +9,15 @@ Part 2: the same decode and training step in a child process alone, then two chi
 policy: `ours` (what every command sets: support/threads.py's short spin at OpenMP's barriers, and
 hardware.cpu_threads' thread count), `today` (libgomp's own default, spinning 300,000 rounds at each barrier,
 a thread per core) and `passive` (OMP_WAIT_POLICY=PASSIVE, a thread per core). The goals: two at once take at
-most 2.5x one alone, and one alone under ours within 5% of today's. Run it with nothing else on the machine.
+most 2.5x one alone, and one alone under ours within 5% of today's. A narrow shape's steps take milliseconds
+and vary from run to run, so its children run --rounds times, the policies alternating, and medians are shown.
+`--against DIR` adds `before`: the same work in an older checkout of the project (`git worktree add ../before
+COMMIT`) under libgomp's defaults, what "today" meant when the thread settings came in. Run it with nothing
+else on the machine.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -21,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("BENCH_ROOT") or Path(__file__).resolve().parents[1])  # --against runs another tree
 sys.path.insert(0, str(ROOT))
 
-import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
+with contextlib.suppress(ImportError):  # absent from a checkout older than the thread settings
+    import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
 
 import torch
 
@@ -32,11 +38,16 @@ import lora
 import phi2
 from phi2.generation import generate
 from prompts import IGNORE_INDEX, Example, collate
-from support import hardware
+
+try:
+    from support import hardware
+except ImportError:  # a checkout from before support/ (--against)
+    import hardware
 
 SHAPES = {"tiny": phi2.Phi2Config.from_name("tiny"),
           "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2, resid_pdrop=0.0)}
-POLICIES = {"ours": {}, "today": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+POLICIES = {"ours": {}, "today": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "before": {"GOMP_SPINCOUNT": "300000"}}  # before: libgomp's defaults in the --against checkout
 
 
 def train_seconds(config, precision, steps=None) -> float:
@@ -86,9 +97,11 @@ def worker(args):
     print(json.dumps({"seconds": work(config, args.precision), "threads": torch.get_num_threads()}))
 
 
-def child(shape, precision, work, policy) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+def child(shape, precision, work, policy, against=None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "BENCH_ROOT")}
     env.update(POLICIES[policy])
+    if policy == "before":
+        env["BENCH_ROOT"] = str(against)
     return subprocess.Popen([sys.executable, __file__, "--worker", shape, precision, work, policy], env=env,
                             stdout=subprocess.PIPE, text=True)
 
@@ -98,10 +111,22 @@ def work_seconds(procs) -> float:
     return max(json.loads(p.communicate()[0])["seconds"] for p in procs)
 
 
+def company(shape, work, precision, policies, rounds, against) -> dict:
+    """{policy: (median seconds alone, median seconds of the slower of two at once)}, the policies alternating."""
+    alone, two = {p: [] for p in policies}, {p: [] for p in policies}
+    for _ in range(rounds):
+        for policy in policies:
+            alone[policy].append(work_seconds([child(shape, precision, work, policy, against)]))
+            two[policy].append(work_seconds([child(shape, precision, work, policy, against) for _ in range(2)]))
+    return {p: (statistics.median(alone[p]), statistics.median(two[p])) for p in policies}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,phi-2-2layer", help="comma-separated: " + ", ".join(SHAPES))
-    p.add_argument("--policies", default="ours,today", help="comma-separated: " + ", ".join(POLICIES))
+    p.add_argument("--policies", default="ours,today", help="comma-separated: ours, today, passive")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each child for a shape narrower than 1024")
+    p.add_argument("--against", type=Path, help="an older checkout: adds the `before` policy (see above)")
     p.add_argument("--worker", nargs=4, metavar=("SHAPE", "PRECISION", "WORK", "POLICY"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -121,16 +146,20 @@ def main():
             ratio = t[auto] / min(t.values())
             print(f"{shape:14s} {work:7s} {t['fp32']:8.3f} {t['bf16']:8.3f}  {auto:5s}  {ratio:.2f}")
 
-    print("\n2. company: seconds of the work in one child alone, and in the slower of two at once (goal: <= 2.5x)")
-    print(f"{'shape':14s} {'work':7s} {'precision':9s} {'policy':8s} {'alone':>7s} {'two':>7s} {'ratio':>6s}")
+    policies = args.policies.split(",") + (["before"] if args.against else [])
+    references = [r for r in ("today", "before") if r in policies]
+    print("\n2. company: seconds of the work in one child alone, and in the slower of two at once (goal: <= 2.5x),")
+    print("   and each policy's time alone over a reference's (goal for ours: <= 1.05)")
+    print(f"{'shape':14s} {'work':7s} {'precision':9s} {'policy':8s} {'alone':>7s} {'two':>7s} {'ratio':>6s}"
+          + "".join(f" {'/ ' + r:>8s}" for r in references))
     for shape in shapes:
+        rounds = args.rounds if SHAPES[shape].n_embd < 1024 else 1
         for work in ("decode", "train"):
             for precision in ("fp32", "bf16"):
-                for policy in args.policies.split(","):
-                    alone = work_seconds([child(shape, precision, work, policy)])
-                    two = work_seconds([child(shape, precision, work, policy) for _ in range(2)])
-                    print(f"{shape:14s} {work:7s} {precision:9s} {policy:8s} {alone:7.3f} {two:7.3f} "
-                          f"{two / alone:6.2f}", flush=True)
+                times = company(shape, work, precision, policies, rounds, args.against)
+                for policy, (alone, two) in times.items():
+                    print(f"{shape:14s} {work:7s} {precision:9s} {policy:8s} {alone:7.3f} {two:7.3f} {two / alone:6.2f}"
+                          + "".join(f" {alone / times[r][0]:8.2f}" for r in references), flush=True)
 
 
 if __name__ == "__main__":
