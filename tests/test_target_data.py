@@ -37,18 +37,16 @@ class FakeLLM(LoopbackServer):
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             failures = self.fail.get(prompt, [])
             status = failures.pop(0) if failures else 200
-        try:
-            time.sleep(self.delay)
-            if self.reject_key or handler.headers["Authorization"] != f"Bearer {KEY}":
-                # a careless server that echoes the credentials it got
-                return send_json(handler, 401, {"error": f"invalid key {handler.headers['Authorization']}"})
-            if status != 200:
-                return send_json(handler, status, {"error": "try later"}, {"Retry-After": "0"})
-            assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
-            send_json(handler, 200, completion(f"Improved: {prompt}"))
-        finally:
-            with self.lock:
-                self.in_flight -= 1
+        time.sleep(self.delay)
+        with self.lock:  # done before the reply is written: once a client has it, this request is not counted
+            self.in_flight -= 1
+        if self.reject_key or handler.headers["Authorization"] != f"Bearer {KEY}":
+            # a careless server that echoes the credentials it got
+            return send_json(handler, 401, {"error": f"invalid key {handler.headers['Authorization']}"})
+        if status != 200:
+            return send_json(handler, status, {"error": "try later"}, {"Retry-After": "0"})
+        assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
+        send_json(handler, 200, completion(f"Improved: {prompt}"))
 
 
 @pytest.fixture
