@@ -1,5 +1,5 @@
 """CPU speed by precision, and by company: a training step and a decode in fp32 and bf16 for the tiny and the
-2-layer full-width shapes; then one process alone against two at once. Ratios from one run.
+2-layer full-width shapes; then one process alone against two at once. Ratios from one run of this script.
 
     python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive] [--against DIR]
 
@@ -17,7 +17,6 @@ else on the machine.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -26,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(os.environ.get("BENCH_ROOT") or Path(__file__).resolve().parents[1])  # --against runs another tree
+BEFORE = os.environ.get("BENCH_ROOT")  # set in the children of --against: the older checkout they measure
+ROOT = Path(BEFORE or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
-with contextlib.suppress(ImportError):  # absent from a checkout older than the thread settings
+if not BEFORE:  # (an older checkout may not have it; `before` runs under libgomp's defaults anyway)
     import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
 
 import torch
@@ -39,10 +39,10 @@ import phi2
 from phi2.generation import generate
 from prompts import IGNORE_INDEX, Example, collate
 
-try:
+if BEFORE and not (ROOT / "support" / "hardware.py").exists():
+    import hardware  # a checkout from before support/
+else:
     from support import hardware
-except ImportError:  # a checkout from before support/ (--against)
-    import hardware
 
 SHAPES = {"tiny": phi2.Phi2Config.from_name("tiny"),
           "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2, resid_pdrop=0.0)}
@@ -103,12 +103,18 @@ def child(shape, precision, work, policy, against=None) -> subprocess.Popen:
     if policy == "before":
         env["BENCH_ROOT"] = str(against)
     return subprocess.Popen([sys.executable, __file__, "--worker", shape, precision, work, policy], env=env,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def work_seconds(procs) -> float:
     """The longest of the children's own timings of their work (their start-up left out)."""
-    return max(json.loads(p.communicate()[0])["seconds"] for p in procs)
+    seconds = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"bench/cpu.py: a child ({' '.join(p.args[3:])}) failed:\n{err.strip()}")
+        seconds.append(json.loads(out)["seconds"])
+    return max(seconds)
 
 
 def company(shape, work, precision, policies, rounds, against) -> dict:
@@ -125,17 +131,29 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,phi-2-2layer", help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--policies", default="ours,today", help="comma-separated: ours, today, passive")
-    p.add_argument("--rounds", type=int, default=3, help="runs of each child for a shape narrower than 1024")
-    p.add_argument("--against", type=Path, help="an older checkout: adds the `before` policy (see above)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of each child for a shape narrower than 1024, the policies alternating")
+    p.add_argument("--against", type=Path, help="an older checkout of the project: adds the `before` policy, "
+                   "its code under libgomp's defaults")
     p.add_argument("--worker", nargs=4, metavar=("SHAPE", "PRECISION", "WORK", "POLICY"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.shape, args.precision, args.work, args.policy = args.worker
         return worker(args)
+    shapes, policies = args.shapes.split(","), list(dict.fromkeys(args.policies.split(",")))
+    for name, known, given in (("--shapes", SHAPES, shapes), ("--policies", ("ours", "today", "passive"), policies)):
+        if unknown := [x for x in given if x not in known]:
+            p.error(f"{name}: no {', '.join(unknown)}; use {', '.join(known)}")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: use 1 or more")
+    if args.against:
+        args.against = args.against.resolve()
+        if not ((args.against / "phi2").is_dir() and (args.against / "lora.py").is_file()):
+            p.error(f"--against {args.against}: not a checkout of this project (no phi2/ and lora.py)")
+        policies.append("before")
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {hardware.cpu_name()} ({cpu}; native bf16: {hardware.cpu_bf16_native()}), "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    shapes = args.shapes.split(",")
     print("\n1. precision: seconds per training step / per decode (8 prompts x 24 tokens)")
     print(f"{'shape':14s} {'work':7s} {'fp32':>8s} {'bf16':>8s}  auto   auto / fastest")
     for shape in shapes:
@@ -146,10 +164,9 @@ def main():
             ratio = t[auto] / min(t.values())
             print(f"{shape:14s} {work:7s} {t['fp32']:8.3f} {t['bf16']:8.3f}  {auto:5s}  {ratio:.2f}")
 
-    policies = args.policies.split(",") + (["before"] if args.against else [])
     references = [r for r in ("today", "before") if r in policies]
-    print("\n2. company: seconds of the work in one child alone, and in the slower of two at once (goal: <= 2.5x),")
-    print("   and each policy's time alone over a reference's (goal for ours: <= 1.05)")
+    print("\n2. company: seconds of the work in one child alone, and in the slower of two at once (goal: <= 2.5x)"
+          + (",\n   and each policy's time alone over a reference's (goal for ours: <= 1.05)" if references else ""))
     print(f"{'shape':14s} {'work':7s} {'precision':9s} {'policy':8s} {'alone':>7s} {'two':>7s} {'ratio':>6s}"
           + "".join(f" {'/ ' + r:>8s}" for r in references))
     for shape in shapes:
