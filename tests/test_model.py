@@ -293,3 +293,20 @@ def test_dropout_is_an_unbiased_iid_mask():
     y = dropout(z, 0.5)
     y.sum().backward()
     assert torch.equal(z.grad, (y != 0).float() * 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dropout_keeps_what_f_dropout_computes(dtype):
+    """A kept element and its gradient are F.dropout's x * (1 / (1 - p)) in x's dtype, to the bit; a dropped
+    one is 0 with gradient 0."""
+    from phi2.fused import dropout
+    torch.manual_seed(0)
+    x = (torch.randn(4, 95, 128) * 3).to(dtype).requires_grad_()
+    y = dropout(x, 0.05)
+    kept = y != 0
+    assert 0.9 < kept.float().mean() < 0.99
+    scaled = x.detach() * (1 / 0.95)
+    assert y.dtype == dtype and torch.equal(y[kept], scaled[kept]) and not y[~kept].any()
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad[kept], (g * (1 / 0.95))[kept]) and not x.grad[~kept].any()
