@@ -1,7 +1,7 @@
 """CPU speed by precision, and by company: a training step and a decode in fp32 and bf16 for the tiny and the
 2-layer full-width shapes; then one process alone against two at once. Ratios from one run of this script.
 
-    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive] [--against DIR]
+    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive] [--rounds 3] [--against DIR]
 
 Part 1, per shape: each precision's LoRA training step and greedy decode (8 prompts, 24 new tokens), and what
 `--precision auto` picks, with its time over the fastest explicit precision's (the goal: within 10%).
@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-BEFORE = os.environ.get("BENCH_ROOT")  # set in the children of --against: the older checkout they measure
+# set in the children of --against (only there): the older checkout they measure
+BEFORE = os.environ.get("BENCH_ROOT") if "--worker" in sys.argv else None
 ROOT = Path(BEFORE or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
@@ -112,6 +113,8 @@ def work_seconds(procs) -> float:
     for p in procs:
         out, err = p.communicate()
         if p.returncode:
+            for other in procs:
+                other.kill()
             raise SystemExit(f"bench/cpu.py: a child ({' '.join(p.args[3:])}) failed:\n{err.strip()}")
         seconds.append(json.loads(out)["seconds"])
     return max(seconds)
@@ -140,16 +143,17 @@ def main():
     if args.worker:
         args.shape, args.precision, args.work, args.policy = args.worker
         return worker(args)
-    shapes, policies = args.shapes.split(","), list(dict.fromkeys(args.policies.split(",")))
+    shapes, policies = (list(dict.fromkeys(x.split(","))) for x in (args.shapes, args.policies))
     for name, known, given in (("--shapes", SHAPES, shapes), ("--policies", ("ours", "today", "passive"), policies)):
         if unknown := [x for x in given if x not in known]:
-            p.error(f"{name}: no {', '.join(unknown)}; use {', '.join(known)}")
+            p.error(f"{name}: no {', '.join(map(repr, unknown))}; use {', '.join(known)}"
+                    + (" (`before` comes with --against DIR)" if "before" in unknown else ""))
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: use 1 or more")
     if args.against:
         args.against = args.against.resolve()
         if not ((args.against / "phi2").is_dir() and (args.against / "lora.py").is_file()):
-            p.error(f"--against {args.against}: not a checkout of this project (no phi2/ and lora.py)")
+            p.error(f"--against {args.against}: not a checkout of this project (it needs phi2/ and lora.py)")
         policies.append("before")
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {hardware.cpu_name()} ({cpu}; native bf16: {hardware.cpu_bf16_native()}), "

@@ -56,8 +56,9 @@ def dropout(x, p: float, training: bool = True):
 
     In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
     gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
-    are most of its cost (tests/test_model.py checks the statistics). A kept element is x / (1 - p) as
-    F.dropout computes it; a dropped one is +0.0, even where x is negative, infinite or NaN.
+    are most of its cost (tests/test_model.py checks the statistics). A kept element is x * (1 / (1 - p)),
+    rounded once to x's dtype (in fp32 what F.dropout gives); a dropped one is +0.0, even where x is negative,
+    infinite or NaN.
     """
     if not training or p == 0.0:
         return x
