@@ -68,15 +68,19 @@ def decode(engine: Engine, requests: list[Request]):
     engine.run()
 
 
+def wait_for(condition, seconds: float) -> bool:
+    """Poll condition() every 10 ms until it holds or seconds pass; whether it holds (a bounded wait)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(condition())
+
+
 def start(app):
     """Run the app on uvicorn in a thread, on a free port; its base URL."""
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=uv.run, daemon=True).start()
-    for _ in range(500):
-        if uv.started:
-            break
-        time.sleep(0.01)
-    assert uv.started, "the server did not start within 5 s"
+    assert wait_for(lambda: uv.started, 5), "the server did not start within 5 s"
     return f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/v1"
 
 
@@ -297,16 +301,10 @@ def test_a_waiting_job_whose_client_left_stops_counting_against_the_queue(prompt
     make = lambda n: Request(tokenizer.encode(format_prompt(PROMPTS[0])), "base", n)  # noqa: E731
     running, waiting = make(24), make(4)
     engine.submit([running, waiting])
-    for _ in range(300):
-        if engine.rows:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: engine.rows, 3)
     assert len(engine.queue) == 1  # one row at most: the second waits
     waiting.cancelled.set()
-    for _ in range(100):
-        if not engine.queue:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: not engine.queue, 1)
     assert not engine.queue and len(engine.rows) == 1  # dropped at the next step, while the first still decodes
 
 
@@ -318,17 +316,11 @@ def test_a_request_arriving_mid_decode_joins_at_the_next_step_and_equals_its_sol
     solo = [direct(prompter, m, p, n)[0] for p, m, n in (first, second)]
     stream = chat(client, first[0], first[1], max_tokens=first[2], stream=True)
     pieces = [next(iter(stream)).choices[0].delta.content or ""]
-    for _ in range(300):  # until the first row has made a few tokens
-        if len(engine.steps) >= 3:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: len(engine.steps) >= 3, 3)  # until the first row has made a few tokens
     joined = chat(client, second[0], second[1], max_tokens=second[2]).choices[0].message.content
     pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert ["".join(pieces), joined] == solo
-    for _ in range(200):  # a row's last piece reaches its client before the engine retires the row
-        if len(engine.left) == 2:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: len(engine.left) == 2, 2)  # a row's last piece reaches its client before it is retired
     # the second left first, while the first went on: it had joined the running row, not waited for it
     assert [tokens for _, tokens in engine.left] == [second[2], first[2]]
     assert 2 in engine.steps and engine.steps[-1] == 1
@@ -340,17 +332,11 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     engine = server.engine
     stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
     next(iter(stream))
-    for _ in range(200):  # until its row decodes (40 steps of 80 ms), alone: --max-batch 1
-        if engine.rows:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: engine.rows, 2)  # until its row decodes (40 steps of 80 ms), alone: --max-batch 1
     assert len(engine.rows) == 1
     waiting = threading.Thread(target=lambda: chat(client, PROMPTS[1], max_tokens=2))
     waiting.start()
-    for _ in range(200):
-        if len(engine.queue) == 1:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: len(engine.queue) == 1, 2)
     assert len(engine.queue) == 1
     with pytest.raises(openai.BadRequestError, match="queues at most 1"):
         chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
@@ -360,10 +346,7 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     stream.close()  # the client leaves mid-stream: its row stops, the waiting request runs
     waiting.join(timeout=10)
     assert not waiting.is_alive()
-    for _ in range(100):
-        if not engine.rows:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: not engine.rows, 2)
     assert not engine.rows and len(engine.left) == 2 and max(engine.steps) == 1
     why, tokens = engine.left[0]
     assert why == "cancelled" and tokens < 20  # the stream's row stopped when its client left, not after 40
@@ -482,10 +465,7 @@ def test_health_model_retrieval_and_one_access_log_line_per_request(prompter, mo
     reply = chat(client, PROMPTS[0], max_tokens=8)
 
     def logged(n):  # a line is written once the reply's body has gone out, just after the client has it
-        for _ in range(200):
-            if len(api.log.getvalue().splitlines()) >= n:
-                break
-            time.sleep(0.01)
+        wait_for(lambda: len(api.log.getvalue().splitlines()) >= n, 2)
         return [json.loads(line) for line in api.log.getvalue().splitlines()]
 
     lines = logged(4)
