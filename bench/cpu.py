@@ -49,6 +49,7 @@ SHAPES = {"tiny": phi2.Phi2Config.from_name("tiny"),
           "phi-2-2layer": phi2.Phi2Config.from_name("phi-2", n_layer=2, resid_pdrop=0.0)}
 POLICIES = {"ours": {}, "today": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
             "before": {"GOMP_SPINCOUNT": "300000"}}  # before: libgomp's defaults in the --against checkout
+CHOOSABLE = [policy for policy in POLICIES if policy != "before"]  # --policies; --against adds before
 
 
 def train_seconds(config, precision, steps=None) -> float:
@@ -133,7 +134,7 @@ def company(shape, work, precision, policies, rounds, against) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,phi-2-2layer", help="comma-separated: " + ", ".join(SHAPES))
-    p.add_argument("--policies", default="ours,today", help="comma-separated: ours, today, passive")
+    p.add_argument("--policies", default="ours,today", help="comma-separated: " + ", ".join(CHOOSABLE))
     p.add_argument("--rounds", type=int, default=3,
                    help="runs of each child for a shape narrower than 1024, the policies alternating")
     p.add_argument("--against", type=Path, help="an older checkout of the project: adds the `before` policy, "
@@ -144,7 +145,7 @@ def main():
         args.shape, args.precision, args.work, args.policy = args.worker
         return worker(args)
     shapes, policies = (list(dict.fromkeys(x.split(","))) for x in (args.shapes, args.policies))
-    for name, known, given in (("--shapes", SHAPES, shapes), ("--policies", ("ours", "today", "passive"), policies)):
+    for name, known, given in (("--shapes", SHAPES, shapes), ("--policies", CHOOSABLE, policies)):
         if unknown := [x for x in given if x not in known]:
             p.error(f"{name}: no {', '.join(map(repr, unknown))}; use {', '.join(known)}"
                     + (" (`before` comes with --against DIR)" if "before" in unknown else ""))
