@@ -17,6 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# oneDNN's fp32 inner product (the op inductor's frozen CPU graphs call), on x86 CPUs only: measured there
+ONEDNN_FP32 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+               and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on x's device, or None where it is off (or absent, as on meta)."""
     kind = x.device.type
@@ -32,8 +37,12 @@ class Linear(nn.Linear):
     and MKL's for fp32 on the AMD CPUs measured. The same product with the weight as the left operand,
     W @ x.T, was no slower anywhere measured and several times faster there, up to about 256 rows; for one
     half-precision row, torch.addmv's kernel reads the weight faster than F.linear. Small fp32 weights keep
-    F.linear, whose lower overhead wins there. Every path accumulates in fp32; only the order of the sums
-    differs, which is why decoding pads its rows to counts measured to be row-invariant (phi2/generation.py).
+    F.linear, whose lower overhead wins there. Without gradients (decoding, evaluation) a large fp32 weight
+    goes through oneDNN's inner product on x86 instead, at any row count: 1.2-2.3x faster than MKL's W @ x.T
+    at 2-64 rows, and it sums a row the same way at 2-64 rows where MKL does so only from 12 rows on, so
+    decoding pads less (docs/speed.md). It has no backward, hence gradients keep MKL. Every path accumulates
+    in fp32; only the order of the sums differs, which is why decoding pads its rows to counts measured to be
+    row-invariant (phi2/generation.py).
     """
 
     def forward(self, x):
@@ -42,8 +51,10 @@ class Linear(nn.Linear):
             half = x.dtype in (torch.bfloat16, torch.float16)
             if half and rows == 1:
                 return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-            if (half and rows <= 8) or (x.dtype == torch.float32 and 2 <= rows <= 256
-                                        and self.weight.numel() >= 1 << 20):
+            big = x.dtype == torch.float32 and self.weight.numel() >= 1 << 20
+            if big and ONEDNN_FP32 and not torch.is_grad_enabled() and autocast_dtype(x) is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            if (half and rows <= 8) or (big and 2 <= rows <= 256):
                 y = torch.addmm(self.bias[:, None], self.weight, x.reshape(rows, -1).t())  # (out, rows)
                 # a copy, small beside the weight: a transposed view would halve the speed of the next
                 # Linear (x.t() row-major is the slow operand layout) and of the ops that read rows

@@ -262,6 +262,34 @@ def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
             assert torch.allclose(ours.double(), theirs, rtol=tol, atol=tol * theirs.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 12, 300])
+def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_matches_f_linear(rows):
+    """Decoding's fp32 path (no gradients, no autocast, a weight of a million elements or more, an x86 CPU):
+    oneDNN's inner product, with F.linear's values; with gradients or under autocast it is not taken."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from phi2.fused import ONEDNN_FP32, Linear
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(rows)
+    layer = Linear(1024, 1536)
+    x = torch.randn(rows, 1024)
+    for grad, autocast, expected in ((False, False, ONEDNN_FP32), (True, False, False), (False, True, False)):
+        mode = Ops()
+        mode.seen = set()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast), mode:
+            y = layer(x)
+        assert ("mkldnn::_linear_pointwise" in mode.seen) == expected, (grad, autocast, mode.seen)
+        if not autocast:
+            ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            assert y.shape == ref.shape and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
     model = phi2.build_model(tiny_cfg).eval()
     x = _tokens(tiny_cfg, B=2, T=12)
