@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import phi2
+from phi2.fused import Linear
 from phi2.generation import generate, invariant_rows
 from serving.engine import Engine, Request
 from support import hardware
@@ -94,13 +95,14 @@ def test_the_engine_gives_every_request_its_solo_ids_as_rows_join_and_leave(name
     assert run(make()) == solo
 
 
-def test_row_counts_are_measured_per_layer_shape():
+@pytest.mark.parametrize("shape", [(96, 160), (1024, 1536)])  # F.linear's path; fp32's oneDNN path (phi2/fused.py)
+def test_row_counts_are_measured_per_layer_shape(shape):
     """invariant_rows names, for a Linear, the row counts at which each row comes out as at 64 rows; a count it
     returns does so, on this machine, for another input as well."""
-    layer = torch.nn.Linear(96, 160)
-    counts = invariant_rows(layer, 96)
+    layer = Linear(*shape)
+    counts = invariant_rows(layer, shape[0])
     assert 64 in counts
-    x = torch.randn(64, 96)
+    x = torch.randn(64, shape[0])
     with torch.inference_mode():
         reference = layer(x)
         for n in counts:
