@@ -38,7 +38,7 @@ class Linear(nn.Linear):
     W @ x.T, was no slower anywhere measured and several times faster there, up to about 256 rows; for one
     half-precision row, torch.addmv's kernel reads the weight faster than F.linear. Small fp32 weights keep
     F.linear, whose lower overhead wins there. Without gradients (decoding, evaluation) a large fp32 weight
-    goes through oneDNN's inner product on x86 instead, at any row count: 1.2-2.3x faster than MKL's W @ x.T
+    goes through oneDNN's inner product on x86 instead, at any row count: 1.1-2.8x faster than MKL's W @ x.T
     at 2-64 rows, and it sums a row the same way at 2-64 rows where MKL does so only from 12 rows on, so
     decoding pads less (docs/speed.md). It has no backward, hence gradients keep MKL. Every path accumulates
     in fp32; only the order of the sums differs, which is why decoding pads its rows to counts measured to be
