@@ -68,8 +68,8 @@ def dropout(x, p: float, training: bool = True):
     In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
     gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
     are most of its cost (tests/test_model.py checks the statistics). A kept element is x * (1 / (1 - p)),
-    rounded once to x's dtype (in fp32 what F.dropout gives). A dropped one is x * 0 in fp32, as in
-    F.dropout (-0.0 for a negative x, NaN for an infinite or NaN one), and +0.0 in half precision.
+    rounded once to x's dtype (in fp32 what F.dropout gives); a dropped one is +0.0, even where x is negative,
+    infinite or NaN.
     """
     if not training or p == 0.0:
         return x
@@ -77,25 +77,19 @@ def dropout(x, p: float, training: bool = True):
         return F.dropout(x, p, training)
     if p == 1.0:
         return torch.zeros_like(x)
-    n, scale = x.numel(), 1.0 / (1.0 - p)
-    # fp32: a mask of 0 and 1/(1-p), x times it in one op forward and one backward (each a trip through
-    # OpenMP's threads, which is what costs for the small tensors of a narrow model); half precision: a mask
-    # of bools, since 1/(1-p) rounded to bf16 would scale x by another factor than F.dropout's
-    fp32 = x.dtype == torch.float32
-    mask = torch.full((n,), scale, device=x.device) if fp32 else torch.ones(n, dtype=torch.bool, device=x.device)
+    n = x.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=x.device)
     last = -1  # index of the last dropped element so far
     while last < n:
         expected = (n - last) * p  # draw enough gaps to pass the end, almost always at the first try
         k = int(expected + 6 * expected**0.5 + 16)
         gaps = torch.empty(k, dtype=torch.float64, device=x.device).geometric_(p)  # trials to a drop, >= 1
         drops = last + gaps.long().cumsum(0)
-        mask[drops[drops < n]] = 0
+        keep[drops[drops < n]] = False
         last = int(drops[-1])
-    if fp32:
-        return x * mask.view(x.shape)
-    # where, not x * mask: a bool mask times x is cast to x's dtype, forward and backward; then in place: one
+    # where, not x * keep: a bool mask times x is cast to x's dtype, forward and backward; then in place: one
     # temporary of x's size, not two
-    return torch.where(mask.view(x.shape), x, 0.0).mul_(scale)
+    return torch.where(keep.view(x.shape), x, 0.0).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
