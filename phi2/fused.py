@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# oneDNN's fp32 inner product (the op inductor's frozen CPU graphs call), on x86 CPUs only: measured there
+# oneDNN's inner product as torch exposes it (torch.ops.mkldnn._linear_pointwise), for fp32 on x86 CPUs
+# only: measured there
 ONEDNN_FP32 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
@@ -40,9 +41,11 @@ class Linear(nn.Linear):
     F.linear, whose lower overhead wins there. Without gradients (decoding, evaluation) a large fp32 weight
     goes through oneDNN's inner product on x86 instead, at any row count: 1.1-2.8x faster than MKL's W @ x.T
     at 2-64 rows, and it sums a row the same way at 2-64 rows where MKL does so only from 12 rows on, so
-    decoding pads less (docs/speed.md). It has no backward, hence gradients keep MKL. Every path accumulates
-    in fp32; only the order of the sums differs, which is why decoding pads its rows to counts measured to be
-    row-invariant (phi2/generation.py).
+    decoding pads less (docs/speed.md). It has no backward, so gradients keep MKL; autocast keeps the paths
+    autocast knows, and torch.compile the plain matmul (inductor lowers oneDNN's op for frozen weights only);
+    torch.backends.mkldnn.flags(enabled=False) turns it off. Every path accumulates in fp32; only the order of
+    the sums differs, which is why decoding pads its rows to counts measured to be row-invariant
+    (phi2/generation.py), in the grad mode decoding runs in (Batch's methods run under inference_mode).
     """
 
     def forward(self, x):
@@ -52,7 +55,8 @@ class Linear(nn.Linear):
             if half and rows == 1:
                 return torch.addmv(self.bias, self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
             big = x.dtype == torch.float32 and self.weight.numel() >= 1 << 20
-            if big and ONEDNN_FP32 and not torch.is_grad_enabled() and autocast_dtype(x) is None:
+            if (big and ONEDNN_FP32 and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()
+                    and autocast_dtype(x) is None and not torch.compiler.is_compiling()):
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             if (half and rows <= 8) or (big and 2 <= rows <= 256):
                 y = torch.addmm(self.bias[:, None], self.weight, x.reshape(rows, -1).t())  # (out, rows)

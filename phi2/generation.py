@@ -61,17 +61,18 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 # ------------------------------------------------------------------------------------- row invariance
 
-_invariant = {}  # (module kind, parameter shapes, dtype, device, threads) -> its safe row counts
+_invariant = {}  # (module class, parameter shapes, dtype, device, threads, ...) -> its safe row counts
 
 
 @torch.inference_mode()
 def invariant_rows(module: torch.nn.Module, width: int) -> tuple[int, ...]:
     """The counts n in ROWS at which module, mapping (n, width) to (n, out), computes every row exactly as it
-    does at 64 rows. Measured once per kind of layer (its parameters' names and shapes), dtype, device and
-    thread count, on seeded random rows: a kernel's choice depends on the shapes, never on the values."""
+    does at 64 rows. Measured once per kind of layer (its class, its parameters' names and shapes, and a LoRA
+    layer's merged state), dtype, device, thread count and oneDNN switch, on seeded random rows: a kernel's
+    choice depends on the shapes, never on the values."""
     p = next(module.parameters())
-    key = (type(module).__name__, tuple((n, tuple(q.shape)) for n, q in module.named_parameters()), p.dtype,
-           p.device, torch.get_num_threads())
+    key = (type(module), tuple((n, tuple(q.shape)) for n, q in module.named_parameters()), p.dtype, p.device,
+           torch.get_num_threads(), torch.backends.mkldnn.enabled, getattr(module, "merged", None))
     if key not in _invariant:
         x = torch.randn(ROWS[-1], width, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
         reference = module(x)
@@ -84,7 +85,8 @@ def safe_rows(model: Phi2, heads=()) -> tuple[int, ...]:
     C = model.config.n_embd
     layer = model.layers[0]
     found = set(ROWS)
-    for module, width in [(layer.self_attn.q_proj, C), (layer.self_attn.k_proj, C), (layer.self_attn.dense, C),
+    for module, width in [(layer.self_attn.q_proj, C), (layer.self_attn.k_proj, C), (layer.self_attn.v_proj, C),
+                          (layer.self_attn.dense, C),
                           (layer.mlp.fc1, C), (layer.mlp.fc2, model.config.intermediate_size),
                           *((head, C) for head in (model.lm_head, *heads) if head is not None)]:
         found &= set(invariant_rows(module, width))
@@ -120,6 +122,7 @@ class Batch:
     def __len__(self):
         return len(self.caches)
 
+    @torch.inference_mode()  # the grad mode the safe row counts were measured in
     def prefill(self, ids: list[int], max_len: int, prefix=None, static=False):
         """A cache of max_len slots holding the prompt `ids`, and the prompt's last hidden state (1, C): the
         prompt run alone, so that its numbers never depend on other rows. prefix: (ids, keys and values at each
@@ -146,6 +149,7 @@ class Batch:
             self.caches = [self.caches[r] for r in rows]
             self.h = self.h[torch.tensor(rows, dtype=torch.long, device=self.device)] if rows else None
 
+    @torch.inference_mode()  # the grad mode the safe row counts were measured in
     def step(self, tokens):
         """Feed each row its next token (B,): the rows' new hidden states, in groups of at most ROWS[-1] rows,
         each padded to a row-invariant count."""
@@ -159,6 +163,7 @@ class Batch:
         self.h = torch.cat(hs)
         return self.h
 
+    @torch.inference_mode()  # the grad mode the safe row counts were measured in
     def logits(self, head, rows=None):
         """head's logits (n, V) for the hidden states of these rows (all by default), padded to a row-invariant
         count as the body's were. head: a module mapping hidden states to logits (the LM head, or a target's)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import phi2
-from phi2.fused import Linear
+from phi2.fused import ONEDNN_FP32, Linear
 from phi2.generation import generate, invariant_rows
 from serving.engine import Engine, Request
 from support import hardware
@@ -99,6 +99,8 @@ def test_the_engine_gives_every_request_its_solo_ids_as_rows_join_and_leave(name
 def test_row_counts_are_measured_per_layer_shape(shape):
     """invariant_rows names, for a Linear, the row counts at which each row comes out as at 64 rows; a count it
     returns does so, on this machine, for another input as well."""
+    if shape == (1024, 1536) and not ONEDNN_FP32:
+        pytest.skip("oneDNN's fp32 path is for x86 CPUs with oneDNN")
     layer = Linear(*shape)
     counts = invariant_rows(layer, shape[0])
     assert 64 in counts

@@ -277,7 +277,7 @@ def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_match
 
     torch.manual_seed(rows)
     layer = Linear(1024, 1536)
-    x = torch.randn(rows, 1024)
+    x = torch.randn(1024, rows).t()[None]  # (1, rows, 1024), not contiguous: as a decode step's rows may come
     for grad, autocast, expected in ((False, False, ONEDNN_FP32), (True, False, False), (False, True, False)):
         mode = Ops()
         mode.seen = set()
@@ -286,8 +286,28 @@ def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_match
         assert ("mkldnn::_linear_pointwise" in mode.seen) == expected, (grad, autocast, mode.seen)
         if not autocast:
             ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-            assert y.shape == ref.shape and y.dtype == torch.float32
+            assert y.shape == ref.shape == (1, rows, 1536) and y.dtype == torch.float32 and y.is_contiguous()
             torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_compiled_linear_does_not_take_onednn():
+    """inductor lowers oneDNN's fp32 linear only for weights frozen into the graph; torch.compile'd decoding
+    (generate.py --compile) must keep the plain matmul. The graph dynamo hands its backend is read here."""
+    from phi2.fused import Linear
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    layer = Linear(1024, 1536)
+    x = torch.randn(2, 1024)
+    with torch.inference_mode():
+        y = torch.compile(layer, backend=backend)(x)
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    assert targets and not any("_linear_pointwise" in t for t in targets), targets
 
 
 def test_model_loss_equals_cross_entropy_on_labelled_positions(tiny_cfg):
