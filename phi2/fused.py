@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # oneDNN's inner product as torch exposes it (torch.ops.mkldnn._linear_pointwise), for fp32 on x86 CPUs
 # only: measured there
 ONEDNN_FP32 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
