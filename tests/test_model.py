@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import phi2
 from phi2.model import Attention
@@ -13,6 +14,18 @@ from tests.conftest import skip_emulated_bf16
 
 def _tokens(config, B=2, T=37):
     return torch.randint(0, config.vocab_size, (B, T))
+
+
+class Ops(TorchDispatchMode):
+    """Records the name of every op that runs inside it (`with Ops() as ops: ...; ops.names`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()
@@ -202,32 +215,21 @@ def test_linear_cross_entropy_with_a_low_rank_update_matches_the_materialised_we
 
 
 def test_linear_cross_entropy_does_no_gradient_work_under_no_grad():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from phi2.fused import linear_cross_entropy
-
-    class CountOps(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
 
     h, W, b = torch.randn(50, 16), torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)
     t = torch.randint(0, 1000, (50,))
     counts = []
     for weight, bias in ((W, b), (W.detach(), b.detach())):  # trainable head under no_grad; a frozen one
-        with torch.no_grad(), CountOps() as ops:
+        with torch.no_grad(), Ops() as ops:
             loss = linear_cross_entropy(h, weight, bias, t)
-        counts.append((ops.n, loss.item()))
+        counts.append((len(ops.names), loss.item()))
     assert counts[0] == counts[1]
 
 
 @pytest.mark.parametrize("dtype, rows", [(torch.float32, r) for r in (1, 2, 8, 64, 256, 257)]
                          + [(torch.bfloat16, r) for r in (1, 2, 8, 9)])
 def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from phi2.fused import Linear
 
     class WeightLeft(TorchDispatchMode):  # whether a matmul took the weight as its left operand, W @ x.T
@@ -266,24 +268,15 @@ def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
 def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_matches_f_linear(rows):
     """Decoding's fp32 path (no gradients, no autocast, a weight of a million elements or more, an x86 CPU):
     oneDNN's inner product, with F.linear's values; with gradients or under autocast it is not taken."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from phi2.fused import ONEDNN_FP32, Linear
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(func.name())
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(rows)
     layer = Linear(1024, 1536)
     x = torch.randn(1024, rows).t()[None]  # (1, rows, 1024), not contiguous: as a decode step's rows may come
     for grad, autocast, expected in ((False, False, ONEDNN_FP32), (True, False, False), (False, True, False)):
-        mode = Ops()
-        mode.seen = set()
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast), mode:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast), Ops() as ops:
             y = layer(x)
-        assert ("mkldnn::_linear_pointwise" in mode.seen) == expected, (grad, autocast, mode.seen)
+        assert ("mkldnn::_linear_pointwise" in ops.names) == expected, (grad, autocast, set(ops.names))
         if not autocast:
             ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
             assert y.shape == ref.shape == (1, rows, 1536) and y.dtype == torch.float32 and y.is_contiguous()
