@@ -45,6 +45,7 @@ from support import cli, hardware
 from support.llm import (
     DEFAULT_CACHE,
     LLM,
+    LLMError,
     Pool,
     RequestFailed,
     add_request_args,
@@ -165,12 +166,12 @@ ID_FIELDS = ("id", "question_id")  # Vicuna's and MT-Bench's; shown with the ite
 
 
 def _records(path) -> list[tuple[str, dict]]:
-    """(where, record) for each record of a .jsonl, .json or .csv file: where is file:line, or file #index for
-    a JSON list (AlpacaEval's is one line: every item would be file:1)."""
+    """(where, record) for each record of a .jsonl, .json or .csv file: where is file:line, or file #n (the
+    n-th record, from 1) for a JSON list (AlpacaEval's is one line: every item would be file:1)."""
     path = Path(path)
     records = read_records(path)
     if path.suffix.lower() == ".json":
-        return [(f"{path} #{i}", record) for i, (_, record) in enumerate(records)]
+        return [(f"{path} #{i}", record) for i, (_, record) in enumerate(records, 1)]
     return [(f"{path}:{line}", record) for line, record in records]
 
 
@@ -238,7 +239,9 @@ def _item(where: str, record: dict, field: str | None) -> Item:
             text = f"{text.strip()}\n\n{extra.strip()}"
     else:
         text = record.get("text", record.get("prompt"))
-    if not isinstance(text, str) or not text.strip():
+    if isinstance(text, str) and not text.strip():
+        raise EvalError(f"{where}: the instruction is empty; fill it in or remove the record")
+    if not isinstance(text, str):
         raise EvalError(f"{where}: no instruction (fields: {_fields(record)}); name its field with --field")
     category = record.get("category") or record.get("dataset")
     category = _text(str(category), where, "category") if category else None
@@ -314,6 +317,8 @@ def attach_references(items: list[Item], references: dict[str, list[str]], path)
 
 
 def sample(items: list[Item], limit, seed) -> list[Item]:
+    if limit and limit > len(items):
+        print(f"--limit {limit}: the file has {len(items)} instructions; all are used", file=sys.stderr)
     if not limit or limit >= len(items):
         return items
     keep = set(random.Random(seed).sample(range(len(items)), limit))
@@ -448,11 +453,30 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
             raise EvalError(f"{cfg.rewrites}: no rewrite for {len(missing)} of {len(items)} instructions, e.g. "
                             f"{missing[0].source}")
     call = request_settings(cfg, sleep)  # one cache, shared by the target and the judge
-    target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, flag="--target-url", **call)
-    judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, flag="--judge-url", **call)
+    target = LLM(cfg.target_url, cfg.target_model, cfg.target_key_env, flag="--target-url",
+                 key_flag="--target-key-env", **call)
+    judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, flag="--judge-url", key_flag="--judge-key-env",
+                **call)
+    # a server that is not there is said before the prompter loads, not after minutes of retries; unless the
+    # cache holds the target's answers to every prompt known now (a rerun): then the run goes on from the
+    # cache, and stops at the first request it lacks
+    known = {item.instruction for item in items}
+    if rewrites is not None:
+        known |= {rewrites[item.instruction].strip() or item.instruction for item in items}
+    rerun = all(target.cached([{"role": "user", "content": prompt}], **answer_params(cfg)) for prompt in known)
     for llm in {target.base_url: target, judge.base_url: judge}.values():
-        llm.probe()  # a server that is not there, said before the prompter loads and not after minutes of retries
-    out.mkdir(parents=True, exist_ok=True)
+        try:
+            llm.probe()
+        except LLMError as e:
+            if not rerun:
+                raise
+            llm.offline = str(e)
+            print(f"warning: {e}; going on with the answers in the cache {cfg.cache}", file=sys.stderr)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--out {out}: cannot be made ({e.strerror or e}); give a folder that can be written") \
+            from None
 
     # 1. the rewrites
     if rewrites is None:
@@ -512,13 +536,19 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     write_atomic(out / "report.html", render_html(results, rows))
     print(table(results))
     if unparsed:
-        print(f"{len(unparsed)} items had a judge reply without a verdict (e.g. {unparsed[0]}); they are left out "
+        print(f"{len(unparsed)} items had a judge reply without a verdict (e.g. {unparsed[0]}; a rerun asks again); "
+              "they are left out "
               "of the table and listed in judgments.jsonl", file=sys.stderr)
     if incomplete:
         print(f"{incomplete} items are incomplete ({failed} requests failed); rerun the same "
               "command to complete them (answered requests come from the cache)", file=sys.stderr)
     print(f"wrote {out / 'results.json'}, {out / 'judgments.jsonl'} and {out / 'report.html'}", file=sys.stderr)
     return results
+
+
+def answer_params(cfg: EvalConfig) -> dict:
+    """The target's request parameters (part of the cache's key)."""
+    return dict(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
 
 
 def ask(target: LLM, judge: LLM, items: list[Item], optimised: dict, pairs, cfg: EvalConfig) -> tuple:
@@ -531,14 +561,14 @@ def ask(target: LLM, judge: LLM, items: list[Item], optimised: dict, pairs, cfg:
     for item in items:
         for prompt in {item.instruction, optimised[item.instruction]}:
             waiting.setdefault(prompt, []).append(item)
-    answer_params = dict(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
     judge_params = dict(temperature=0.0, max_tokens=cfg.judge_max_tokens)
+    has_verdict = lambda reply: parse_verdict(reply) is not None  # noqa: E731 (else not cached: asked again)
 
     def call(request):
         kind, key = request
         if kind == "answer":
-            return target.chat([{"role": "user", "content": key}], **answer_params)
-        return judge.chat(judge_messages(*key), **judge_params)
+            return target.chat([{"role": "user", "content": key}], **answer_params(cfg))
+        return judge.chat(judge_messages(*key), keep=has_verdict, **judge_params)
 
     pool = Pool(call, cfg.concurrency)
     for prompt in prompts:

@@ -66,7 +66,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
         return _json_list(path.read_text(encoding="utf-8"), path)
     if suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:  # newline="": quoted fields keep their newlines
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, strict=True)  # strict: a quote left open is an error, not the rest of the file
             records, start = [], 2  # line 1 is the header
             try:
                 for row in reader:
@@ -75,7 +75,7 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
                     records.append((start, row))
                     start = reader.line_num + 1  # a quoted field may span several lines
             except csv.Error as e:
-                raise DataError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
+                raise DataError(f"{path}:{start}: bad CSV ({e}) in the record from this line on") from None
         return records
     raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
 
@@ -92,6 +92,8 @@ def _json_list(text, path):
     decoder, records = json.JSONDecoder(), []
     line_of = lambda pos: text.count("\n", 0, pos) + 1
     pos = _skip_ws(text, 0)
+    if pos == len(text):
+        raise DataError(f"{path}: empty; expected a JSON list of objects")
     if text[pos:pos + 1] != "[":
         raise DataError(f"{path}:{line_of(pos)}: expected a JSON list of objects")
     pos = _skip_ws(text, pos + 1)

@@ -109,7 +109,8 @@ def load_done(out: Path) -> set:
 
 
 def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
-    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, flag="--base-url", **request_settings(cfg, sleep))
+    target = LLM(cfg.base_url, cfg.model, cfg.api_key_env, flag="--base-url", key_flag="--api-key-env",
+                 **request_settings(cfg, sleep))
     prompts = read_prompts(cfg.data, cfg.field)[: cfg.limit]
     for source, prompt in prompts:  # else the request cannot be encoded, and a rerun would fail on it again
         if has_lone_surrogate(prompt):

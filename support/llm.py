@@ -10,11 +10,13 @@
   skipped on reading.
 - **Retries.** 429, 5xx, timeouts, dropped connections and malformed replies are retried with exponential
   backoff and jitter (each wait at most MAX_BACKOFF), honouring Retry-After up to MAX_RETRY_AFTER; after
-  max_retries a RequestFailed names the endpoint and why, and the run goes on without that answer. A refused
-  key stops the run (LLMError, one line).
+  max_retries a RequestFailed names the endpoint and why, and the run goes on without that answer, unless
+  FAILED_IN_A_ROW requests to the endpoint have failed in a row: then it is down or the URL or model is wrong,
+  and the run stops (LLMError) rather than retrying every request for hours. A refused key stops the run.
 - **Before the work.** A URL that is not http(s) with a host is refused when the LLM is made, and `probe()`
   (one GET, no key) tells a server that is not there from one that is, so that a command says so in one
-  line before it spends minutes on a prompter or on retries.
+  line before it spends minutes on a prompter or on retries. A command whose answers may all be in the cache
+  can go on without the server (`offline`): only a request the cache lacks then fails, at once.
 - **Keys.** Read from the environment only, sent only to the endpoint's own origin (a redirect elsewhere is
   refused), and replaced by *** in every answer, message and file this module writes.
 - **Concurrency.** `Pool` (and `concurrently`, for a fixed list) runs calls on daemon threads, taking new work
@@ -38,6 +40,7 @@ from phi2.errors import UsageError
 MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this, so none can hang a run
 MAX_BACKOFF = 60.0  # seconds: the longest wait of our own between retries (2**20 of them would be 12 days)
 PROBE_TIMEOUT = 10.0  # seconds the probe waits for a connection
+FAILED_IN_A_ROW = 8  # requests to one endpoint that fail for good with none answered between: the run stops
 _SURROGATE = re.compile("[\ud800-\udfff]")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2-prompter" / "llm.jsonl"
 
@@ -148,16 +151,20 @@ class LLM:
 
     def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", *, cache: Cache | None = None,
                  timeout: float = 60.0, max_retries: int = 6, retry_base: float = 1.0, sleep=time.sleep,
-                 flag: str = "the URL"):
-        """flag: how the user gave base_url (--target-url), for the message if it is not a URL."""
+                 flag: str = "the URL", key_flag: str = "the command's --...-key-env flag"):
+        """flag, key_flag: how the user gave base_url (--target-url) and key_env (--target-key-env), for the
+        messages."""
         self.base_url, self.model, self.key_env = checked_url(base_url, flag), model, key_env
         self.key = os.environ.get(key_env, "")
         if not self.key:
             raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
-                           "another one with the --...-key-env flag); it is not set")
+                           f"another one with {key_flag}; a server that needs no key takes any value, e.g. "
+                           f"{key_env}=none); it is not set")
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
         self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary
+        self.offline = None  # why the endpoint is not asked (set by the command): then only the cache answers
+        self.failed_in_a_row, self.count_lock = 0, threading.Lock()
         try:
             import openai
         except ImportError:
@@ -195,30 +202,53 @@ class LLM:
     def redact(self, text: str) -> str:
         return text.replace(self.key, "***") if self.key else text
 
-    def chat(self, messages: list[dict], **params) -> str:
-        """The reply to messages, from the cache or the endpoint (with retries)."""
-        request = {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
+    def cached(self, messages: list[dict], **params) -> bool:
+        """Whether chat(messages, **params) would be answered from the cache."""
+        return bool(self.cache) and self.cache.get(Cache.key(self._request(messages, params))) is not None
+
+    def _request(self, messages, params) -> dict:
+        return {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
+
+    def chat(self, messages: list[dict], keep=None, **params) -> str:
+        """The reply to messages, from the cache or the endpoint (with retries). With keep, a reply for which
+        keep(reply) is false (a judge's reply without a verdict) is returned but not cached, and not taken from
+        the cache: a rerun asks again."""
+        request = self._request(messages, params)
         try:  # the key's encoding also proves the request is Unicode text, as UTF-8 JSON needs
             key = Cache.key(request)
         except UnicodeEncodeError:
             raise RequestFailed(f"{self.base_url}: the request holds a lone surrogate (half a UTF-16 pair), "
                                 "which is not text and cannot be sent") from None
-        if self.cache and (answer := self.cache.get(key)) is not None:
+        if self.cache and (answer := self.cache.get(key)) is not None and (keep is None or keep(answer)):
             return answer
+        if self.offline:
+            raise LLMError(f"{self.offline}, and a request this run needs is not in the cache")
+        try:
+            answer = self._ask(messages, params)
+        except RequestFailed as e:
+            with self.count_lock:
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= FAILED_IN_A_ROW:
+                    raise LLMError(f"{e}; stopping: the last {self.failed_in_a_row} requests to {self.base_url} "
+                                   "all failed (answers so far are cached: rerun to go on)") from None
+            raise
+        with self.count_lock:
+            self.failed_in_a_row = 0
+        if self.cache and (keep is None or keep(answer)):
+            self.cache.put(key, request, answer)
+        return answer
+
+    def _ask(self, messages, params) -> str:
+        """The endpoint's reply, after up to max_retries retries, or a RequestFailed."""
         last = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.sleep(max(self.backoff(attempt), min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
             try:
-                answer = self._call(messages, params)
-                break
+                return self._call(messages, params)
             except _Retryable as e:
                 last = e
-        else:
-            raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}")
-        if self.cache:
-            self.cache.put(key, request, answer)
-        return answer
+        raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}")
 
     def backoff(self, attempt: int) -> float:
         """The wait before retry number attempt (1, 2, ...): retry_base doubling each time up to MAX_BACKOFF,
@@ -235,13 +265,15 @@ class LLM:
                                      cast_to=object)
         except openai.APIStatusError as e:
             status = e.status_code
-            detail = self.redact(str(e))[:200]
+            detail = self.redact(re.sub(r"^Error code: \d+( - )?", "", str(e)))[:200]  # the client's own prefix
             if status in (401, 403):
                 raise LLMError(f"{self.base_url} refused the API key (HTTP {status}); check ${self.key_env}") \
                     from None
             if status == 429 or status >= 500:
                 raise _Retryable(f"HTTP {status} {detail[:120]}", _retry_after(e.response.headers)) from None
-            raise RequestFailed(f"{self.base_url}: HTTP {status} {detail}") from None
+            hint = (f" (is {self.base_url} the API's base URL, which usually ends in /v1, and {self.model!r} a model "
+                    "it serves?)" if status in (404, 405) else "")
+            raise RequestFailed(f"{self.base_url}: HTTP {status} {detail}{hint}") from None
         except openai.APIConnectionError as e:  # refused, dropped, timed out, malformed reply
             cause = e.__cause__
             while cause is not None and not isinstance(cause, LLMError):

@@ -124,6 +124,8 @@ def test_duplicates_are_dropped_and_a_prompt_stays_on_one_side():
     ("d.jsonl", b'{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}\n", "d.jsonl:1: not readable as JSON"),
     ("d.json", b'[{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}]", "d.json:1: not readable as JSON"),
     ("d.jsonl", b'{"prompt": "caf\xe9", "improved": "b"}\n', "d.jsonl: not UTF-8 text; save it as UTF-8"),
+    ("d.json", b" \n", "d.json: empty; expected a JSON list of objects"),
+    ("d.csv", b'prompt,improved\na,"b\nc\n', r"d.csv:2: bad CSV \(unexpected end of data\) in the record"),
     ("d.txt", None, "d.txt: no such file"),
     ("d.jsonl", None, "d.jsonl: no such file"),
 ])

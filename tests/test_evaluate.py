@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from support.llm import FAILED_IN_A_ROW
 from tests.servers import LoopbackServer, completion, send_json
 
 KEY = "sk-eval-test-0123456789"
@@ -192,23 +193,86 @@ def test_429_with_retry_after_is_waited_out(servers, files, tmp_path, monkeypatc
 
 def test_dropped_connections_are_completed_by_a_rerun_without_repeating_a_request(servers, files, tmp_path,
                                                                                   monkeypatch):
-    healthy, served = [True], []
+    healthy, served, dropped = [True], [], []
 
-    def flaky(body):
-        if len(served) >= 6 and healthy[0]:
+    def flaky(body):  # the 7th to 9th requests are dropped: fewer in a row than stop a run
+        if len(served) >= 6 and healthy[0] and len(dropped) < 3:
+            dropped.append(1)
             return "drop"
         served.append(1)
         return target_reply(body)
 
     target, judge = servers(flaky), servers(longer_wins)
     first = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
-    assert first["incomplete"] > 0 and first["failed_requests"] > 0
-    answered_first = set(target.seen[:6])
+    assert first["incomplete"] > 0 and first["failed_requests"] == 3
+    failed_first = set(target.seen[6:9])
     healthy[0] = False
     target.seen.clear()
     second = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
     assert second["incomplete"] == 0 and second["judged"] == 8
-    assert not answered_first & set(target.seen) and len(target.seen) == len(set(target.seen)) == 16 - 6
+    assert sorted(target.seen) == sorted(failed_first)  # only the failed ones asked again
+
+
+def test_a_server_failing_every_request_stops_the_run_and_a_rerun_completes_it(servers, files, tmp_path,
+                                                                              monkeypatch):
+    down = [True]
+    target = servers(lambda body: 404 if down[0] else target_reply(body))
+    judge = servers(longer_wins)
+    with pytest.raises(evaluate.LLMError, match=rf"HTTP 404 .*/v1, and 'target-1' a model it serves\?\); "
+                                                rf"stopping: the last {FAILED_IN_A_ROW} requests to {target.url} "
+                                                "all failed"):
+        run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert FAILED_IN_A_ROW <= len(target.seen) < 16  # stopped, not every request failed in turn
+    down[0] = False
+    results = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert results["incomplete"] == 0 and results["judged"] == 8
+
+
+def test_a_rerun_from_the_cache_needs_no_server_and_stops_at_a_request_it_lacks(servers, files, tmp_path,
+                                                                                monkeypatch, capsys):
+    def judge_reply(body):  # the judge fails one item's judgments: the cache lacks them
+        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"]:
+            return 400
+        return longer_wins(body)
+
+    target, judge = servers(target_reply), servers(judge_reply)
+    first = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert first["incomplete"] == 1
+    target.close(), judge.close()
+    capsys.readouterr()
+    with pytest.raises(evaluate.LLMError, match=rf"cannot reach {judge.url}.*, and a request this run needs is "
+                                                "not in the cache"):
+        run(target, judge, files, tmp_path, monkeypatch)
+    assert f"warning: cannot reach {target.url}" in capsys.readouterr().err  # went on, from the cache
+
+    instructions, rewrites = files  # without the failed item, every request is in the cache: a new table
+    kept = [r for r in json.loads(instructions.read_text()) if r["instruction"] != "what is entropy"]
+    instructions.write_text(json.dumps(kept))
+    again = run(target, judge, files, tmp_path, monkeypatch, bootstrap=200)
+    assert again["judged"] == 7 and again["requests_sent"] == {"target": 0, "judge": 0}
+
+    # a prompt whose answer is not in the cache (a new rewrite, a new cache): the server is needed, said at once
+    records = [json.loads(line) for line in rewrites.read_text().splitlines()]
+    records[0]["rewrite"] += " please"
+    rewrites.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for cache in ("cache.jsonl", "other.jsonl"):
+        with pytest.raises(evaluate.LLMError, match=rf"cannot reach {target.url} .*is the URL right\?$"):
+            run(target, judge, files, tmp_path, monkeypatch, cache=str(tmp_path / cache))
+
+
+def test_a_judge_reply_without_a_verdict_is_asked_again_by_a_rerun(servers, files, tmp_path, monkeypatch):
+    decided = [False]
+
+    def judge_reply(body):
+        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"] and not decided[0]:
+            return "Both answers have merits; I cannot decide."
+        return longer_wins(body)
+
+    judge = servers(judge_reply)
+    assert run(servers(target_reply), judge, files, tmp_path, monkeypatch)["unparsed"] == 1
+    decided[0], asked = True, len(judge.seen)
+    results = run(servers(target_reply), judge, files, tmp_path, monkeypatch)
+    assert results["unparsed"] == 0 and results["judged"] == 8 and len(judge.seen) == asked + 2  # both orders
 
 
 def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
@@ -356,8 +420,8 @@ def test_the_report_draws_results_json_and_filters_items_by_verdict(servers, fil
     # items named by their place in the one-line JSON file, each marked with its verdict for the filters
     sections = re.findall(r'<section class="item (\w+)" id="item-(\d+)"><h3><a href="#item-\d+">([^<]*)</a>', page)
     assert [(kind, int(i), name) for kind, i, name in sections] == [
-        (r["verdict"], i, f"alpaca_eval.json #{i}") for i, r in enumerate(rows)]
-    assert [r["source"] for r in rows] == [f"{files[0]} #{i}" for i in range(8)]
+        (r["verdict"], i, f"alpaca_eval.json #{i + 1}") for i, r in enumerate(rows)]
+    assert [r["source"] for r in rows] == [f"{files[0]} #{i}" for i in range(1, 9)]
     for kind, count in (("win", 4), ("tie", 1), ("loss", 3)):
         assert re.search(rf'<label for="show-{kind}">[^<]* \({count}\)</label>', page)
         assert f"#show-{kind}:checked ~ .items .item:not(.{kind})" in page  # the CSS that filters
@@ -397,12 +461,15 @@ def test_items_are_named_by_their_place_in_the_file_and_their_id(tmp_path):
     one_line.write_text(json.dumps([{"instruction": "a", "id": 7}, {"instruction": "b"},
                                     {"instruction": "c", "id": "q-3"}]))
     assert [i.source for i in evaluate.read_instructions(one_line)] == [
-        f"{one_line} #0 (id 7)", f"{one_line} #1", f"{one_line} #2 (id q-3)"]
+        f"{one_line} #1 (id 7)", f"{one_line} #2", f"{one_line} #3 (id q-3)"]
     lines = tmp_path / "questions.jsonl"
     lines.write_text("\n" + json.dumps({"question_id": 81, "text": "x"}) + "\n" + json.dumps({"text": "y"}) + "\n")
     assert [i.source for i in evaluate.read_instructions(lines)] == [f"{lines}:2 (id 81)", f"{lines}:3"]
     one_line.write_text(json.dumps([{"instruction": "a"}, {"question": "b"}]))
-    with pytest.raises(evaluate.EvalError, match=r"inst.json #1: no instruction \(fields: question\)"):
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #2: no instruction \(fields: question\)"):
+        evaluate.read_instructions(one_line)
+    one_line.write_text(json.dumps([{"instruction": "a"}, {"text": "  "}]))
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #2: the instruction is empty"):
         evaluate.read_instructions(one_line)
 
 
@@ -478,10 +545,10 @@ def test_text_that_is_not_unicode_is_one_line_naming_its_place(tmp_path):
         evaluate.read_instructions(latin1)
     lone = tmp_path / "inst.json"
     lone.write_text('[{"instruction": "fine"}, {"instruction": "half a pair \\ud83d here"}]')
-    with pytest.raises(evaluate.EvalError, match=r"inst.json #1: the instruction holds a lone surrogate"):
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #2: the instruction holds a lone surrogate"):
         evaluate.read_instructions(lone)
     lone.write_text('[{"instruction": "fine", "dataset": "\\udc00"}]')
-    with pytest.raises(evaluate.EvalError, match=r"inst.json #0: the category holds a lone surrogate"):
+    with pytest.raises(evaluate.EvalError, match=r"inst.json #1: the category holds a lone surrogate"):
         evaluate.read_instructions(lone)
     rewrites = tmp_path / "rewrites.jsonl"
     rewrites.write_text('{"instruction": "fine", "rewrite": "ok"}\n{"instruction": "x", "rewrite": "\\ud800"}\n')
@@ -511,4 +578,11 @@ def test_an_endpoint_that_is_not_there_is_named_before_the_prompter_loads(server
             run(type("S", (), {"url": url}), judge, (instructions, None), tmp_path, monkeypatch, sleep=slept.append,
                 rewrites=None, lora=str(tmp_path / "adapter"))
         assert "\n" not in str(e.value)
+    monkeypatch.delenv("NO_KEY_HERE", raising=False)
+    with pytest.raises(evaluate.UsageError, match=r"variable NO_KEY_HERE \(name another one with --judge-key-env;"):
+        run(judge, judge, (instructions, None), tmp_path, monkeypatch, rewrites=None, judge_key_env="NO_KEY_HERE")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(evaluate.EvalError, match=r"--out .*a-file/sub: cannot be made \(Not a directory\)"):
+        run(judge, judge, (instructions, None), tmp_path, monkeypatch, rewrites=None, lora=str(tmp_path / "adapter"),
+            out=str(tmp_path / "a-file" / "sub"))
     assert not slept and not judge.seen and not list((tmp_path / "out").glob("rewrites-*"))

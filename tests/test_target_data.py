@@ -160,5 +160,6 @@ def test_missing_key_is_a_clear_error(prompts_file, tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     cfg = target_data.TargetDataConfig(base_url="http://127.0.0.1:9", model="m", out=str(tmp_path / "o.jsonl"),
                                        data=str(prompts_file), api_key_env="NO_SUCH_KEY")
-    with pytest.raises(target_data.LLMError, match="environment variable NO_SUCH_KEY"):
+    with pytest.raises(target_data.LLMError, match=r"environment variable NO_SUCH_KEY \(name another one with "
+                                                   r"--api-key-env; a server that needs no key takes any value"):
         target_data.main(cfg)
