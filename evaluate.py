@@ -353,6 +353,7 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
         return done
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
+    print(hw.describe(), file=sys.stderr)  # (a rerun whose rewrites are all made loads no prompter)
     target = prompter.targets[0] if prompter.targets else None
     context = prompter.model.config.block_size
     lengths = {t: len(prompter.encode(t)) for t in todo}

@@ -120,6 +120,8 @@ def read_metadata(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise HeadError(f"{path}: no such head file")
+    if path.is_dir():
+        raise HeadError(f"{path}: a folder; give a head's .safetensors file (train_head.py writes one per target)")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

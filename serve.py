@@ -16,11 +16,13 @@ body's forward pass, each row with its own head, sampling, stop strings and leng
 while rows decode joins them at the next step, and a row that finishes leaves. A reply is exactly what the
 request gets alone. The OpenAI side is serving/api.py, the proxy serving/proxy.py. Needs the [serve] extra
 (FastAPI, uvicorn, httpx). Binds 127.0.0.1 unless --host says otherwise; one access-log line per request on
-stderr.
+stderr. Ctrl-C (or SIGTERM) stops taking connections and lets the requests running or waiting finish, for
+at most DRAIN seconds; a second Ctrl-C stops at once.
 """
 
 import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
 
+import logging
 import os
 import re
 import sys
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 from phi2.errors import UsageError
 from support import cli, hardware
 from support.prompter import Prompter, add_args, base_config
+
+DRAIN = 30.0  # seconds a stop waits for the requests in flight
 
 
 @dataclass
@@ -126,6 +130,7 @@ def load(cfg: ServeConfig):
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve.py needs FastAPI, uvicorn and httpx: pip install -e \".[serve]\"") from None
+    from prompts import format_prompt
     from serving.api import API, allowed_hosts, build_app
     from serving.engine import Engine, kv_bytes_per_slot
     from serving.proxy import Proxy, ProxyLog
@@ -145,6 +150,11 @@ def load(cfg: ServeConfig):
     kv_slots = max(1, int(kv_gb * 1e9 // kv_bytes_per_slot(prompter.model)))
     print(f"{hw.describe()}; KV cache up to {kv_gb:.1f} GB ({kv_slots:,} token slots)", file=sys.stderr)
     engine = Engine(prompter.model, prompter.tokenizer, heads, max_batch=cfg.max_batch, kv_slots=kv_slots)
+    template = len(prompter.tokenizer.encode(format_prompt("")))
+    if kv_slots < template + min(cfg.max_tokens, engine.context - template):
+        print(f"warning: {kv_slots} KV slots hold less than one request with the default --max-tokens "
+              f"({cfg.max_tokens}, plus the prompt's {template}+ tokens): such requests get a 400; raise --max-kv-gb",
+              file=sys.stderr)
     proxy = Proxy(upstreams, cfg.upstream_timeout, log) if upstreams else None
     api = API(engine, cfg.max_queue, cfg.max_tokens, api_key, proxy, allowed_hosts(cfg.host, cfg.allowed_host),
               cfg.cors_origin, cfg.log_prompts)
@@ -173,7 +183,24 @@ def main(cfg: ServeConfig):
     proxied = f" (proxy for {', '.join(api.proxy.upstreams)})" if api.proxy else ""
     print(f"serving {', '.join(api.models)} on http://{host}:{port}/v1{proxied}", file=sys.stderr, flush=True)
     import uvicorn
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        """uvicorn's, saying what a stop waits for; once stopping, the cancelled requests' tracebacks are not
+        printed (uvicorn logs each as an error)."""
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                busy = len(api.engine.rows) + api.engine.waiting()
+                if busy:
+                    print(f"serve.py: stopping: {busy} choices running or waiting finish first (at most {DRAIN:.0f} s; "
+                          "Ctrl-C again stops now)", file=sys.stderr, flush=True)
+            else:
+                print("serve.py: stopping now; the requests in flight are cut", file=sys.stderr, flush=True)
+            logging.getLogger("uvicorn.error").disabled = True
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN)).run(
+        sockets=[sock])
 
 
 if __name__ == "__main__":

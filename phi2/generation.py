@@ -51,6 +51,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         probs = sorted_logits.softmax(dim=-1)
         # keep the smallest set holding top_p of the mass: drop a token once those before it reach top_p
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # the most likely token stays even at top_p 0 (there the only one kept)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     # a draw from probs as argmax(p / E) with E ~ Exp(1): torch.multinomial checks its input on the host,

@@ -94,7 +94,8 @@ def settings_of(body: dict, models) -> Settings:
         raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise APIError(400, f"each stop string may be at most {MAX_STOP_CHARS} characters", param="stop")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # null as OpenAI takes it: not streamed
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "'stream' must be true or false, 'stream_options' an object", param="stream")
@@ -104,15 +105,22 @@ def settings_of(body: dict, models) -> Settings:
         max_tokens=None if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", int, 1, 1 << 20,
                                                            None),
         temperature=_number(body, "temperature", float, 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", float, 0.0, 1.0, None, low_open=True),
+        top_p=_number(body, "top_p", float, 0.0, 1.0, None),  # 0: the most likely token only
         seed=_number(body, "seed", int, -(2**63), 2**63 - 1, None), stop=stop, stream=stream,
         include_usage=bool(options.get("include_usage")))
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's
 
 
 def last_user_message(body: dict) -> tuple[int, str]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    for i, message in enumerate(messages):
+        if message.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got "
+                                f"{json.dumps(message.get('role'))[:40]}", param=f"messages[{i}].role")
     for i in range(len(messages) - 1, -1, -1):
         if messages[i].get("role") == "user":
             content = messages[i].get("content")
@@ -156,6 +164,9 @@ class API:
         if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
+        if not given:
+            raise APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
@@ -230,7 +241,8 @@ class API:
                                 "max_tokens or choices", param="max_tokens")
         waiting = self.engine.waiting()
         if waiting + len(jobs) > self.max_queue:
-            raise APIError(503, f"the server is busy ({waiting} requests waiting); retry shortly",
+            raise APIError(503, f"the server is busy ({waiting} choices waiting, at most {self.max_queue}); retry "
+                                "shortly",
                            type_="server_error", code="queue_full", headers={"Retry-After": "1"})
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for i, job in enumerate(jobs):
@@ -252,6 +264,7 @@ class API:
                 if time.monotonic() - checked >= 0.5:  # twice a second, tokens flowing or not
                     checked = time.monotonic()
                     if await request.is_disconnected():
+                        request.state.record["status"] = 499  # as nginx logs it: not delivered (the client left)
                         return
                 if event is None:
                     continue
@@ -317,6 +330,9 @@ class API:
             record["status"] = 500
             yield sse_line(APIError(500, "internal error", type_="server_error").body())
             return
+        except BaseException:  # closed while the rows decode: the client left (or the server stopped)
+            record["status"] = 499
+            raise
         if s.include_usage:
             yield sse_line({**head, "choices": [], "usage": usage(prompt_tokens, record["completion_tokens"])})
         yield "data: [DONE]\n\n"
@@ -466,6 +482,9 @@ def build_app(api: API) -> FastAPI:
             try:
                 async for piece in body:
                     yield piece
+            except BaseException:  # cut: the client left, or the server stopped
+                request.state.record["status"] = 499
+                raise
             finally:
                 log()
 

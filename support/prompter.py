@@ -39,6 +39,9 @@ def base_folder(model_dir, lora_dir) -> Path:
     if model_dir is None and lora_dir:
         model_dir = lora.read_adapter_config(lora_dir).get("base_model_name_or_path")
     folder = Path(model_dir or DEFAULT_BASE)
+    if model_dir and (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        raise phi2.CheckpointError(f"--model {folder}: a stage-1 LoRA adapter, not a Phi-2 checkpoint; pass it "
+                                   "as --lora (its base is then found from its config)")
     if not (folder / "config.json").exists():
         raise phi2.CheckpointError(f"{folder}: no Phi-2 checkpoint here; download it with `huggingface-cli download "
                                    f"microsoft/phi-2 --local-dir {folder}`, or pass --model DIR")

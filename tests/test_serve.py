@@ -4,7 +4,9 @@ request alone, and to phi2.generation.generate), client disconnect, and the prox
 server the test runs."""
 
 import collections
+import io
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -208,6 +210,9 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
         chat(client, "x", logprobs=True)
     with pytest.raises(openai.BadRequestError, match="no user message"):
         client.chat.completions.create(model="alpha", messages=[{"role": "system", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role must be one of system, developer, user"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"},
+                                                                {"role": "user", "content": "x"}])
     with pytest.raises(openai.NotFoundError, match="does not exist") as e:
         chat(client, "x", model="gpt-5")
     assert e.value.body["code"] == "model_not_found"
@@ -216,8 +221,10 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
     assert e.value.status_code == 413
     with pytest.raises(openai.BadRequestError, match="exceed the context"):
         chat(client, "x", max_tokens=1000)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
         openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
+    raw = httpx.get(f"{client.base_url}models")  # no key at all: said so
+    assert raw.status_code == 401 and raw.json()["error"]["message"].startswith("You didn't provide an API key")
     as_json = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     raw = httpx.post(f"{client.base_url}chat/completions", content=b"{not json", headers=as_json)
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "the request body is not valid JSON"
@@ -231,6 +238,13 @@ def test_errors_have_openai_shapes_and_statuses(served, prompter):
         assert raw.status_code == 400 and "error" in raw.json(), junk[:60]
     assert httpx.get(f"{client.base_url}nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     assert chat(client, PROMPTS[0]).choices  # and it still serves
+    # null where OpenAI takes null: not streamed; top_p 0 keeps the most likely token alone, the greedy rewrite
+    body = {"model": "alpha", "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": None,
+            "temperature": 1.0, "top_p": 0, "seed": 3, "max_tokens": 12}
+    raw = httpx.post(f"{client.base_url}chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 200, raw.text
+    assert raw.json()["choices"][0]["message"]["content"] == chat(client, PROMPTS[0], max_tokens=12).choices[0] \
+        .message.content
 
 
 def test_rows_joining_and_leaving_at_different_steps_each_equal_their_solo_decode(prompter):
@@ -328,6 +342,7 @@ def test_a_request_arriving_mid_decode_joins_at_the_next_step_and_equals_its_sol
 
 def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter, monkeypatch):
     server, url = launch(prompter, monkeypatch, "--max-queue", "1", "--max-batch", "1", step_delay=0.08)
+    server.log = io.StringIO()
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     engine = server.engine
     stream = chat(client, PROMPTS[0], model="base", max_tokens=40, stream=True)
@@ -340,7 +355,7 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     assert len(engine.queue) == 1
     with pytest.raises(openai.BadRequestError, match="queues at most 1"):
         chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
-    with pytest.raises(openai.InternalServerError) as e:
+    with pytest.raises(openai.InternalServerError, match=r"busy \(1 choices waiting, at most 1\)") as e:
         chat(client, PROMPTS[2])
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
     stream.close()  # the client leaves mid-stream: its row stops, the waiting request runs
@@ -350,6 +365,10 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     assert not engine.rows and len(engine.left) == 2 and max(engine.steps) == 1
     why, tokens = engine.left[0]
     assert why == "cancelled" and tokens < 20  # the stream's row stopped when its client left, not after 40
+    # the access log tells the stream that was not delivered in full from the replies that were
+    assert wait_for(lambda: len(server.log.getvalue().splitlines()) == 4, 2)
+    statuses = [json.loads(line)["status"] for line in server.log.getvalue().splitlines()]
+    assert sorted(statuses) == [200, 400, 499, 503]
 
 
 class Upstream(LoopbackServer):
@@ -450,10 +469,14 @@ def test_command_line_refusals(prompter, monkeypatch):
             serve.main(serve.parse_args(["--lora", str(prompter / "lora"), "--port", port]))
     with pytest.raises(serve.UsageError, match="give NAME=VALUE"):
         serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--upstream", "http://x"]))
+    with pytest.raises(serve.UsageError, match=r"lora: a stage-1 LoRA adapter, not a Phi-2 checkpoint; pass it as "
+                                               "--lora"):
+        serve.load(serve.parse_args(["--model", str(prompter / "lora")]))
+    with pytest.raises(serve.UsageError, match=r"lora: a folder; give a head's .safetensors file"):
+        serve.load(serve.parse_args(["--lora", str(prompter / "lora"), "--head", str(prompter / "lora")]))
 
 
 def test_health_model_retrieval_and_one_access_log_line_per_request(prompter, monkeypatch):
-    import io
     api, url = launch(prompter, monkeypatch)
     api.log = io.StringIO()
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
@@ -551,8 +574,12 @@ def test_the_proxy_log_is_checked_at_start_and_an_answer_already_paid_for_is_nev
     assert "".join(c.choices[0].delta.content for c in streamed) == "***"
 
 
-def test_kv_memory_is_bounded_up_front(prompter, monkeypatch):
+def test_kv_memory_is_bounded_up_front(prompter, monkeypatch, capsys):
+    launch(prompter, monkeypatch, "--max-kv-gb", "0.000001")  # a few slots: not one default request
+    assert re.search(r"warning: \d+ KV slots hold less than one request with the default --max-tokens \(24",
+                     capsys.readouterr().err)
     api, url = launch(prompter, monkeypatch, "--max-kv-gb", "0.0001")  # a few hundred slots of the tiny model
+    assert "warning" not in capsys.readouterr().err
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
     assert api.engine.kv_slots < 96 * 16
     with pytest.raises(openai.BadRequestError, match="KV cache slots"):
