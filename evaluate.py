@@ -239,10 +239,10 @@ def _item(where: str, record: dict, field: str | None) -> Item:
             text = f"{text.strip()}\n\n{extra.strip()}"
     else:
         text = record.get("text", record.get("prompt"))
-    if isinstance(text, str) and not text.strip():
-        raise EvalError(f"{where}: the instruction is empty; fill it in or remove the record")
     if not isinstance(text, str):
         raise EvalError(f"{where}: no instruction (fields: {_fields(record)}); name its field with --field")
+    if not text.strip():
+        raise EvalError(f"{where}: the instruction is empty; fill it in or remove the record")
     category = record.get("category") or record.get("dataset")
     category = _text(str(category), where, "category") if category else None
     return Item(_named(where, record), _text(text, where, "instruction"), category or None)
@@ -325,11 +325,9 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
     return [item for i, item in enumerate(items) if i in keep]
 
 
-def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str, str]:
-    """Greedy rewrites by the prompter (the head for this target), appended to out/rewrites-<id>.jsonl as they
-    come, so that a rerun makes only those missing; the file is named by what makes the rewrites, so that
-    another adapter or head never reuses them. An instruction too long for the prompter's context gets none:
-    the original is used, and counted as an empty rewrite."""
+def rewrites_file(cfg: EvalConfig, items: list[Item], out: Path) -> tuple[Path, dict[str, str]]:
+    """out/rewrites-<id>.jsonl, named by what makes the rewrites (so that another adapter or head never reuses
+    them), and the rewrites it holds {instruction: rewrite}."""
     texts = sorted({item.instruction for item in items})
     made_by = [cfg.model, cfg.lora, cfg.head, cfg.max_new_tokens, texts]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
@@ -348,23 +346,32 @@ def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str
                 done[record["input"]] = record["output"]
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a stop: rewritten again
-    todo = [t for t in texts if t not in done]
+    return path, done
+
+
+def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str, str]:
+    """Greedy rewrites by the prompter (the head for this target), appended to rewrites_file as they come, so
+    that a rerun makes only those missing. An instruction too long for the prompter's context gets none: the
+    original is used, and counted as an empty rewrite."""
+    path, done = rewrites_file(cfg, items, out)
+    todo = sorted({item.instruction for item in items} - set(done))
     if not todo:
         return done
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
-    prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
     print(hw.describe(), file=sys.stderr)  # (a rerun whose rewrites are all made loads no prompter)
+    prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
     target = prompter.targets[0] if prompter.targets else None
     context = prompter.model.config.block_size
     lengths = {t: len(prompter.encode(t)) for t in todo}
     fits = [t for t in todo if lengths[t] < context]
-    for text in set(todo) - set(fits):
-        done[text] = ""
     if len(fits) < len(todo):
         print(f"{len(todo) - len(fits)} instructions are longer than the prompter's context of {context} tokens: "
               "their originals are used (counted as empty rewrites)", file=sys.stderr)
     fits.sort(key=lengths.get)  # less padding
     with open(path, "a", encoding="utf-8") as sink, tqdm(total=len(fits), unit="rewrite", file=sys.stderr) as bar:
+        for text in sorted(set(todo) - set(fits)):  # written too: a rerun loads no prompter for them
+            sink.write(json.dumps({"input": text, "output": ""}, ensure_ascii=False) + "\n")
+            done[text] = ""
         for start in range(0, len(fits), cfg.batch_size):
             batch = fits[start:start + cfg.batch_size]
             for text, rewrite in zip(batch, prompter.rewrite(batch, target, cfg.max_new_tokens)):
@@ -458,20 +465,20 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
                  key_flag="--target-key-env", **call)
     judge = LLM(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, flag="--judge-url", key_flag="--judge-key-env",
                 **call)
-    # a server that is not there is said before the prompter loads, not after minutes of retries; unless the
-    # cache holds the target's answers to every prompt known now (a rerun): then the run goes on from the
-    # cache, and stops at the first request it lacks
-    known = {item.instruction for item in items}
-    if rewrites is not None:
-        known |= {rewrites[item.instruction].strip() or item.instruction for item in items}
-    rerun = all(target.cached([{"role": "user", "content": prompt}], **answer_params(cfg)) for prompt in known)
+    # a server that is not there is said before the prompter loads, not after minutes of retries; unless this
+    # is a rerun: every rewrite made, and the target's answers to both prompts of every item in the cache. Then
+    # the run goes on from the cache: a request it lacks fails, and the table is made of the rest
+    made = rewrites if rewrites is not None else rewrites_file(cfg, items, out)[1]
+    rerun = all(item.instruction in made for item in items) and all(
+        target.cached([{"role": "user", "content": prompt}], **answer_params(cfg))
+        for item in items for prompt in (item.instruction, made[item.instruction].strip() or item.instruction))
     for llm in {target.base_url: target, judge.base_url: judge}.values():
         try:
             llm.probe()
         except LLMError as e:
             if not rerun:
                 raise
-            llm.offline = str(e)
+            llm.offline = f"cannot reach {llm.base_url}"
             print(f"warning: {e}; going on with the answers in the cache {cfg.cache}", file=sys.stderr)
     try:
         out.mkdir(parents=True, exist_ok=True)

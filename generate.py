@@ -67,7 +67,8 @@ def parse_args(argv=None) -> GenerateConfig:
                    help="tokens to generate at most")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=d.temperature, help="0 is greedy")
     p.add_argument("--top-k", type=cli.positive_int, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=cli.probability, help="sample among the likeliest tokens holding this mass")
+    p.add_argument("--top-p", type=cli.probability,
+                   help="sample among the likeliest tokens holding this mass (0: the likeliest alone)")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="prompts decoded together")
     cli.add_hardware_args(p, d)

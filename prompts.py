@@ -75,7 +75,9 @@ def _read_records(path: Path) -> list[tuple[int, dict]]:
                     records.append((start, row))
                     start = reader.line_num + 1  # a quoted field may span several lines
             except csv.Error as e:
-                raise DataError(f"{path}:{start}: bad CSV ({e}) in the record from this line on") from None
+                raise DataError(f"{path}:{start}: bad CSV ({e}) in the record from this line on; a field holding "
+                                "a comma, a quote or a line break goes in double quotes, its own quotes doubled") \
+                    from None
         return records
     raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
 

@@ -19,6 +19,7 @@ import contextlib
 import io
 import math
 import os
+import shlex
 import shutil
 import statistics
 import textwrap
@@ -154,10 +155,10 @@ def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=
     curves = ", ".join(str(out / run / "curves.svg") for run in ("sft", *(f"head-{style}" for style in STYLES)))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; everything is in {out}, the training curves in {curves}. This "
           "is a tiny model trained for a minute: it shows the mechanism, not the quality Phi-2 reaches.")
-    heads = " ".join(f"--head {out / f'{style}.safetensors'}" for style in STYLES)
+    args = shlex.join(["--lora", str(out / "sft" / "best"),
+                       *(a for style in STYLES for a in ("--head", str(out / f"{style}.safetensors")))])
     print(f"Next, rewrite your own prompts with it, or serve it behind the OpenAI API (docs/serving.md):\n"
-          f"  python generate.py --lora {out / 'sft' / 'best'} {heads} \"a poem about rain\"\n"
-          f"  python serve.py --lora {out / 'sft' / 'best'} {heads} --port 8000")
+          f"  python generate.py {args} 'a poem about rain'\n  python serve.py {args} --port 8000")
     return scores
 
 

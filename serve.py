@@ -22,9 +22,11 @@ at most DRAIN seconds; a second Ctrl-C stops at once.
 
 import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
 
+import asyncio
 import logging
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -152,7 +154,7 @@ def load(cfg: ServeConfig):
     engine = Engine(prompter.model, prompter.tokenizer, heads, max_batch=cfg.max_batch, kv_slots=kv_slots)
     template = len(prompter.tokenizer.encode(format_prompt("")))
     if kv_slots < template + min(cfg.max_tokens, engine.context - template):
-        print(f"warning: {kv_slots} KV slots hold less than one request with the default --max-tokens "
+        print(f"warning: {kv_slots:,} KV slots hold less than one request with the default --max-tokens "
               f"({cfg.max_tokens}, plus the prompt's {template}+ tokens): such requests get a 400; raise --max-kv-gb",
               file=sys.stderr)
     proxy = Proxy(upstreams, cfg.upstream_timeout, log) if upstreams else None
@@ -185,8 +187,7 @@ def main(cfg: ServeConfig):
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's, saying what a stop waits for; once stopping, the cancelled requests' tracebacks are not
-        printed (uvicorn logs each as an error)."""
+        """uvicorn's, saying what a stop waits for."""
 
         def handle_exit(self, sig, frame):
             if not self.should_exit:
@@ -194,13 +195,31 @@ def main(cfg: ServeConfig):
                 if busy:
                     print(f"serve.py: stopping: {busy} choices running or waiting finish first (at most {DRAIN:.0f} s; "
                           "Ctrl-C again stops now)", file=sys.stderr, flush=True)
-            else:
+            elif sig == signal.SIGINT:  # uvicorn's force exit
                 print("serve.py: stopping now; the requests in flight are cut", file=sys.stderr, flush=True)
-            logging.getLogger("uvicorn.error").disabled = True
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN)).run(
-        sockets=[sock])
+    logging.getLogger("uvicorn.error").addFilter(lambda record: not cancelled(record))
+    try:
+        Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",  # no start-up hooks
+                              timeout_graceful_shutdown=DRAIN)).run(sockets=[sock])
+    finally:
+        api.engine.close()
+
+
+def cancelled(record: logging.LogRecord) -> bool:
+    """Whether a log record is about a task cancelled by a stop (uvicorn logs each such request, and its own
+    startup task, as an error with a traceback): somewhere in its exception's chain is a CancelledError."""
+    seen, todo = set(), [record.exc_info[1]] if record.exc_info else []
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            return True
+        seen.add(id(error))
+        todo += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
+    return False
 
 
 if __name__ == "__main__":

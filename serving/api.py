@@ -51,14 +51,14 @@ class APIError(Exception):
 # ------------------------------------------------------------------------------------ checking requests
 
 
-def _number(body, name, kind, low, high, default, low_open=False):
+def _number(body, name, kind, low, high, default):
     value = body.get(name, default)
     if value is None:
         return default
     ok_type = isinstance(value, int) and not isinstance(value, bool) or (
         isinstance(value, float) and math.isfinite(value) and (kind is float or value.is_integer()))
-    if not ok_type or value < low or value > high or (low_open and value == low):
-        bound = f"{'above' if low_open else 'at least'} {low} and at most {high}"
+    if not ok_type or value < low or value > high:
+        bound = f"at least {low} and at most {high}"
         raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} {bound}; got "
                             f"{json.dumps(value)[:40]}", param=name, code="invalid_value")
     return kind(value)
@@ -241,8 +241,8 @@ class API:
                                 "max_tokens or choices", param="max_tokens")
         waiting = self.engine.waiting()
         if waiting + len(jobs) > self.max_queue:
-            raise APIError(503, f"the server is busy ({waiting} choices waiting, at most {self.max_queue}); retry "
-                                "shortly",
+            raise APIError(503, f"the server is busy ({waiting} of at most {self.max_queue} choices waiting); "
+                                "retry shortly",
                            type_="server_error", code="queue_full", headers={"Retry-After": "1"})
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         for i, job in enumerate(jobs):
@@ -330,7 +330,7 @@ class API:
             record["status"] = 500
             yield sse_line(APIError(500, "internal error", type_="server_error").body())
             return
-        except BaseException:  # closed while the rows decode: the client left (or the server stopped)
+        except (asyncio.CancelledError, GeneratorExit):  # closed mid-way: the client left, or the server stopped
             record["status"] = 499
             raise
         if s.include_usage:
@@ -482,7 +482,7 @@ def build_app(api: API) -> FastAPI:
             try:
                 async for piece in body:
                     yield piece
-            except BaseException:  # cut: the client left, or the server stopped
+            except (asyncio.CancelledError, GeneratorExit):  # cut: the client left, or the server stopped
                 request.state.record["status"] = 499
                 raise
             finally:

@@ -92,7 +92,9 @@ class Engine:
         self.arrived = threading.Condition()
         self.rows: list[Request] = []  # the running requests, in the batch's row order
         self.batch = Batch(model, [h for h in heads.values() if h is not None])  # the running rows
-        threading.Thread(target=self._loop, daemon=True, name="decoder").start()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="decoder")
+        self.thread.start()
 
     # ------------------------------------------------------------------------ what the API side calls
 
@@ -105,12 +107,22 @@ class Engine:
         """Requests waiting to be admitted whose clients are still there."""
         return sum(1 for r in list(self.queue) if not r.cancelled.is_set())
 
+    def close(self, timeout=5.0):
+        """Stop decoding after the current step and wait for the thread (the server's end: a process that exits
+        while the thread is inside a torch call can abort)."""
+        with self.arrived:
+            self.closed = True
+            self.arrived.notify()
+        self.thread.join(timeout)
+
     # ---------------------------------------------------------------------------- the decoding thread
 
     def _loop(self):
         while True:
             with self.arrived:
-                self.arrived.wait_for(lambda: self.queue)
+                self.arrived.wait_for(lambda: self.queue or self.closed)
+            if self.closed:
+                return
             time.sleep(self.window)  # requests sent together arrive within a few ms: admitted in one step
             try:
                 self.run()
@@ -123,8 +135,8 @@ class Engine:
 
     @torch.inference_mode()
     def run(self):
-        """Step until no request is running or waiting."""
-        while self.step():
+        """Step until no request is running or waiting, or the engine is closed."""
+        while not self.closed and self.step():
             pass
 
     def step(self) -> bool:

@@ -61,7 +61,7 @@ nonnegative_float = _number(float, 0.0, True, "non-negative number")
 
 
 def probability(text):
-    value = positive_float(text)
+    value = nonnegative_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text} must be at most 1")
     return value

@@ -11,12 +11,13 @@
 - **Retries.** 429, 5xx, timeouts, dropped connections and malformed replies are retried with exponential
   backoff and jitter (each wait at most MAX_BACKOFF), honouring Retry-After up to MAX_RETRY_AFTER; after
   max_retries a RequestFailed names the endpoint and why, and the run goes on without that answer, unless
-  FAILED_IN_A_ROW requests to the endpoint have failed in a row: then it is down or the URL or model is wrong,
-  and the run stops (LLMError) rather than retrying every request for hours. A refused key stops the run.
+  FAILED_IN_A_ROW requests to the endpoint have failed so in a row (or with a 404/405): then it is down or
+  the URL or model is wrong, and the run stops (LLMError) rather than retry every request for hours. A
+  refused key stops the run.
 - **Before the work.** A URL that is not http(s) with a host is refused when the LLM is made, and `probe()`
   (one GET, no key) tells a server that is not there from one that is, so that a command says so in one
   line before it spends minutes on a prompter or on retries. A command whose answers may all be in the cache
-  can go on without the server (`offline`): only a request the cache lacks then fails, at once.
+  can go on without the server (`offline`): a request the cache lacks then fails at once.
 - **Keys.** Read from the environment only, sent only to the endpoint's own origin (a redirect elsewhere is
   refused), and replaced by *** in every answer, message and file this module writes.
 - **Concurrency.** `Pool` (and `concurrently`, for a fixed list) runs calls on daemon threads, taking new work
@@ -51,7 +52,13 @@ class LLMError(UsageError):
 
 
 class RequestFailed(Exception):
-    """One request that failed for good (after its retries, or a 4xx); the run goes on without it."""
+    """One request that failed for good (after its retries, or a 4xx); the run goes on without it. endpoint:
+    the failure says the endpoint does not work (its retries used up, or a 404/405: a wrong URL or model), not
+    that this one request is refused (a 400 for a prompt too long, a content filter)."""
+
+    def __init__(self, message, endpoint=False):
+        super().__init__(message)
+        self.endpoint = endpoint
 
 
 class _Retryable(Exception):
@@ -163,7 +170,8 @@ class LLM:
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
         self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary
-        self.offline = None  # why the endpoint is not asked (set by the command): then only the cache answers
+        self.offline = None  # why the endpoint is not asked ("cannot reach ..."; set by the command): the cache
+        # alone answers
         self.failed_in_a_row, self.count_lock = 0, threading.Lock()
         try:
             import openai
@@ -210,31 +218,31 @@ class LLM:
         return {"endpoint": self.base_url, "model": self.model, "messages": messages, "params": params}
 
     def chat(self, messages: list[dict], keep=None, **params) -> str:
-        """The reply to messages, from the cache or the endpoint (with retries). With keep, a reply for which
-        keep(reply) is false (a judge's reply without a verdict) is returned but not cached, and not taken from
-        the cache: a rerun asks again."""
+        """The reply to messages, from the cache or the endpoint (with retries). With keep, a cached reply for
+        which keep(reply) is false (a judge's reply without a verdict) is asked again, unless offline."""
         request = self._request(messages, params)
         try:  # the key's encoding also proves the request is Unicode text, as UTF-8 JSON needs
             key = Cache.key(request)
         except UnicodeEncodeError:
             raise RequestFailed(f"{self.base_url}: the request holds a lone surrogate (half a UTF-16 pair), "
                                 "which is not text and cannot be sent") from None
-        if self.cache and (answer := self.cache.get(key)) is not None and (keep is None or keep(answer)):
-            return answer
-        if self.offline:
-            raise LLMError(f"{self.offline}, and a request this run needs is not in the cache")
+        cached = self.cache.get(key) if self.cache else None
+        if cached is not None and (keep is None or self.offline or keep(cached)):
+            return cached
         try:
+            if self.offline:
+                raise RequestFailed(f"{self.offline}, and this request is not in the cache", endpoint=True)
             answer = self._ask(messages, params)
         except RequestFailed as e:
             with self.count_lock:
-                self.failed_in_a_row += 1
+                self.failed_in_a_row = self.failed_in_a_row + 1 if e.endpoint else 0
                 if self.failed_in_a_row >= FAILED_IN_A_ROW:
-                    raise LLMError(f"{e}; stopping: the last {self.failed_in_a_row} requests to {self.base_url} "
-                                   "all failed (answers so far are cached: rerun to go on)") from None
+                    raise LLMError(f"{e}; stopping: {self.failed_in_a_row} requests in a row to {self.base_url} "
+                                   "failed so; rerun once it answers") from None
             raise
         with self.count_lock:
             self.failed_in_a_row = 0
-        if self.cache and (keep is None or keep(answer)):
+        if self.cache:
             self.cache.put(key, request, answer)
         return answer
 
@@ -248,7 +256,7 @@ class LLM:
                 return self._call(messages, params)
             except _Retryable as e:
                 last = e
-        raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}")
+        raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}", endpoint=True)
 
     def backoff(self, attempt: int) -> float:
         """The wait before retry number attempt (1, 2, ...): retry_base doubling each time up to MAX_BACKOFF,
@@ -265,7 +273,9 @@ class LLM:
                                      cast_to=object)
         except openai.APIStatusError as e:
             status = e.status_code
-            detail = self.redact(re.sub(r"^Error code: \d+( - )?", "", str(e)))[:200]  # the client's own prefix
+            # the server's message without the client's "Error code: NNN - " (else the body it sent)
+            detail = re.sub(r"^Error code: \d+( - )?", "", str(e)) or " ".join(e.response.text.split())
+            detail = self.redact(detail)[:200]
             if status in (401, 403):
                 raise LLMError(f"{self.base_url} refused the API key (HTTP {status}); check ${self.key_env}") \
                     from None
@@ -273,7 +283,8 @@ class LLM:
                 raise _Retryable(f"HTTP {status} {detail[:120]}", _retry_after(e.response.headers)) from None
             hint = (f" (is {self.base_url} the API's base URL, which usually ends in /v1, and {self.model!r} a model "
                     "it serves?)" if status in (404, 405) else "")
-            raise RequestFailed(f"{self.base_url}: HTTP {status} {detail}{hint}") from None
+            raise RequestFailed(f"{self.base_url}: HTTP {status} {detail}{hint}", endpoint=bool(hint)) \
+                from None
         except openai.APIConnectionError as e:  # refused, dropped, timed out, malformed reply
             cause = e.__cause__
             while cause is not None and not isinstance(cause, LLMError):

@@ -36,10 +36,11 @@ def add_args(p: argparse.ArgumentParser, heads: str | None = "many"):
 
 def base_folder(model_dir, lora_dir) -> Path:
     """--model; else the base named in the stage-1 adapter's config; else checkpoints/phi-2."""
+    given = model_dir is not None
     if model_dir is None and lora_dir:
         model_dir = lora.read_adapter_config(lora_dir).get("base_model_name_or_path")
     folder = Path(model_dir or DEFAULT_BASE)
-    if model_dir and (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+    if given and (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
         raise phi2.CheckpointError(f"--model {folder}: a stage-1 LoRA adapter, not a Phi-2 checkpoint; pass it "
                                    "as --lora (its base is then found from its config)")
     if not (folder / "config.json").exists():

@@ -218,46 +218,52 @@ def test_a_server_failing_every_request_stops_the_run_and_a_rerun_completes_it(s
     down = [True]
     target = servers(lambda body: 404 if down[0] else target_reply(body))
     judge = servers(longer_wins)
-    with pytest.raises(evaluate.LLMError, match=rf"HTTP 404 .*/v1, and 'target-1' a model it serves\?\); "
-                                                rf"stopping: the last {FAILED_IN_A_ROW} requests to {target.url} "
-                                                "all failed"):
+    stop = (rf"HTTP 404 slow down \(is {target.url} the API's base URL, which usually ends in /v1, and 'target-1' a "
+            rf"model it serves\?\); stopping: {FAILED_IN_A_ROW} requests in a row to {target.url} failed so; rerun "
+            "once it answers$")
+    with pytest.raises(evaluate.LLMError, match=stop):
         run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
     assert FAILED_IN_A_ROW <= len(target.seen) < 16  # stopped, not every request failed in turn
     down[0] = False
     results = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
     assert results["incomplete"] == 0 and results["judged"] == 8
+    # requests refused one by one (a 400: too long, filtered) say nothing about the server: the run goes on
+    refusing = servers(lambda body: 400)
+    results = run(refusing, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert results["failed_requests"] == 16 and results["incomplete"] == 8
 
 
-def test_a_rerun_from_the_cache_needs_no_server_and_stops_at_a_request_it_lacks(servers, files, tmp_path,
-                                                                                monkeypatch, capsys):
-    def judge_reply(body):  # the judge fails one item's judgments: the cache lacks them
+def test_a_rerun_from_the_cache_needs_no_server_and_fails_only_the_requests_it_lacks(servers, files, tmp_path,
+                                                                                     monkeypatch, capsys):
+    def judge_reply(body):  # the judge refuses one item's judgments: the cache lacks them
         if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"]:
             return 400
         return longer_wins(body)
 
     target, judge = servers(target_reply), servers(judge_reply)
     first = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
-    assert first["incomplete"] == 1
+    assert first["incomplete"] == 1 and first["judged"] == 7
     target.close(), judge.close()
     capsys.readouterr()
-    with pytest.raises(evaluate.LLMError, match=rf"cannot reach {judge.url}.*, and a request this run needs is "
-                                                "not in the cache"):
-        run(target, judge, files, tmp_path, monkeypatch)
-    assert f"warning: cannot reach {target.url}" in capsys.readouterr().err  # went on, from the cache
+    again = run(target, judge, files, tmp_path, monkeypatch, bootstrap=200)  # offline: a new table all the same
+    assert (again["judged"], again["incomplete"], again["failed_requests"]) == (7, 1, 2)
+    assert again["overall"]["wins"] == first["overall"]["wins"] and again["requests_sent"]["target"] == 0
+    err = capsys.readouterr().err
+    assert f"warning: cannot reach {target.url}" in err and f"warning: cannot reach {judge.url}" in err
+    assert f"cannot reach {judge.url}, and this request is not in the cache" in err
 
-    instructions, rewrites = files  # without the failed item, every request is in the cache: a new table
-    kept = [r for r in json.loads(instructions.read_text()) if r["instruction"] != "what is entropy"]
-    instructions.write_text(json.dumps(kept))
-    again = run(target, judge, files, tmp_path, monkeypatch, bootstrap=200)
-    assert again["judged"] == 7 and again["requests_sent"] == {"target": 0, "judge": 0}
-
-    # a prompt whose answer is not in the cache (a new rewrite, a new cache): the server is needed, said at once
+    # not a rerun: the server is needed, said at once. A rewrite whose answer is not in the cache, another
+    # cache, or rewrites still to be made by a prompter (which is not loaded)
+    instructions, rewrites = files
+    monkeypatch.setattr(evaluate.Prompter, "load", lambda *a, **k: pytest.fail("the prompter was loaded"))
+    for kw in (dict(rewrites=None, lora=str(tmp_path / "adapter")), dict(cache=str(tmp_path / "other.jsonl"))):
+        with pytest.raises(evaluate.LLMError, match=rf"cannot reach {target.url} .*is the URL right\?$"):
+            run(target, judge, files, tmp_path, monkeypatch, **kw)
     records = [json.loads(line) for line in rewrites.read_text().splitlines()]
     records[0]["rewrite"] += " please"
     rewrites.write_text("".join(json.dumps(r) + "\n" for r in records))
-    for cache in ("cache.jsonl", "other.jsonl"):
-        with pytest.raises(evaluate.LLMError, match=rf"cannot reach {target.url} .*is the URL right\?$"):
-            run(target, judge, files, tmp_path, monkeypatch, cache=str(tmp_path / cache))
+    with pytest.raises(evaluate.LLMError, match=rf"cannot reach {target.url} "):
+        run(target, judge, files, tmp_path, monkeypatch)
 
 
 def test_a_judge_reply_without_a_verdict_is_asked_again_by_a_rerun(servers, files, tmp_path, monkeypatch):
@@ -268,10 +274,10 @@ def test_a_judge_reply_without_a_verdict_is_asked_again_by_a_rerun(servers, file
             return "Both answers have merits; I cannot decide."
         return longer_wins(body)
 
-    judge = servers(judge_reply)
-    assert run(servers(target_reply), judge, files, tmp_path, monkeypatch)["unparsed"] == 1
+    target, judge = servers(target_reply), servers(judge_reply)
+    assert run(target, judge, files, tmp_path, monkeypatch)["unparsed"] == 1
     decided[0], asked = True, len(judge.seen)
-    results = run(servers(target_reply), judge, files, tmp_path, monkeypatch)
+    results = run(target, judge, files, tmp_path, monkeypatch)
     assert results["unparsed"] == 0 and results["judged"] == 8 and len(judge.seen) == asked + 2  # both orders
 
 
@@ -347,7 +353,8 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
     assert rows[2]["rewrite"] == rows[2]["instruction"] == too_long.strip()  # the original, sent as it is
     assert too_long.strip() in target.seen
     rewrites = list((tmp_path / "out").glob("rewrites-*.jsonl"))
-    assert len(rewrites) == 1 and len(rewrites[0].read_text().splitlines()) == 2
+    made = [json.loads(line) for line in rewrites[0].read_text().splitlines()]  # the one too long too, as ""
+    assert len(rewrites) == 1 and len(made) == 3 and {r["input"]: r["output"] for r in made}[too_long.strip()] == ""
     for path in [*(tmp_path / "out").iterdir(), tmp_path / "cache.jsonl"]:
         assert KEY not in path.read_text(), path
 

@@ -41,11 +41,12 @@ def servers():
         s.close()
 
 
-def run_target_data(url, tmp_path, monkeypatch, sleep=time.sleep):
-    """target_data.main on one prompt against url; sleep: what backoff sleeps with."""
+def run_target_data(url, tmp_path, monkeypatch, sleep=time.sleep, prompts=("a prompt",)):
+    """target_data.main on the prompts against url; sleep: what backoff sleeps with."""
     monkeypatch.setenv("TEST_KEY", KEY)
+    lines = "".join(f"{prompt} {i}\n" for i, prompt in enumerate(prompts)) if len(prompts) > 1 else f"{prompts[0]}\n"
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a prompt\n")
+    prompts.write_text(lines)
     cfg = target_data.TargetDataConfig(base_url=url, model="m", out=str(tmp_path / "out.jsonl"), data=str(prompts),
                                        api_key_env="TEST_KEY", retry_base=0.001, timeout=5.0, cache="")
     return target_data.main(cfg, sleep=sleep)
@@ -332,6 +333,15 @@ def test_a_failed_request_names_its_endpoint(servers, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert f"prompts.txt:1: {server.url}/v1: gave up after 6 retries: APIConnectionError" in err
     assert "Server disconnected" in err  # the cause, not only "Connection error."
+
+
+def test_a_refusal_without_an_openai_error_body_says_what_the_server_sent(servers, tmp_path, monkeypatch, capsys):
+    """A 404 with a page, not OpenAI's error JSON (a URL without its /v1 on some servers): its text is the detail,
+    with the hint; and such failures in a row stop the run."""
+    server = servers(lambda h: send_json(h, 404, None, raw=b"<h1>Nothing  here</h1>"))
+    with pytest.raises(target_data.LLMError, match=rf"{server.url}: HTTP 404 <h1>Nothing here</h1> \(is {server.url} "
+                                                   "the API's base URL"):
+        run_target_data(server.url, tmp_path, monkeypatch, sleep=lambda s: None, prompts=["p"] * 8)
 
 
 def test_a_lone_surrogate_in_a_prompt_or_a_reply_is_no_traceback(servers, tmp_path, monkeypatch):

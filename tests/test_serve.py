@@ -355,7 +355,7 @@ def test_a_full_queue_gets_503_and_a_client_that_leaves_frees_its_slot(prompter,
     assert len(engine.queue) == 1
     with pytest.raises(openai.BadRequestError, match="queues at most 1"):
         chat(client, PROMPTS[2], n=2)  # could never fit: 400, not a 503 to retry forever
-    with pytest.raises(openai.InternalServerError, match=r"busy \(1 choices waiting, at most 1\)") as e:
+    with pytest.raises(openai.InternalServerError, match=r"busy \(1 of at most 1 choices waiting\)") as e:
         chat(client, PROMPTS[2])
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
     stream.close()  # the client leaves mid-stream: its row stops, the waiting request runs
@@ -585,3 +585,55 @@ def test_kv_memory_is_bounded_up_front(prompter, monkeypatch, capsys):
     with pytest.raises(openai.BadRequestError, match="KV cache slots"):
         chat(client, PROMPTS[0], n=16, max_tokens=30)
     assert chat(client, PROMPTS[0], max_tokens=8).choices  # one that fits still runs
+
+
+def test_a_stop_lets_the_requests_finish_and_a_second_ctrl_c_cuts_them_quietly(prompter):
+    """serve.py itself, in a process: one SIGINT says what it waits for and lets the replies end; a second
+    stops at once, with the cut replies logged as 499 and no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def server():
+        p = subprocess.Popen([sys.executable, str(Path(serve.__file__)), "--lora", str(prompter / "lora"), "--head",
+                              str(prompter / "alpha.safetensors"), "--device", "cpu", "--precision", "fp32",
+                              "--port", "0", "--max-batch", "1", "--max-queue", "1000"],
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for line in p.stderr:
+            if line.startswith("serving "):
+                return p, line.split(" on ")[1].split()[0]
+        pytest.fail(f"serve.py did not start: {p.wait()}")
+
+    def ask(url, replies, n=16):
+        body = {"model": "alpha", "prompt": PROMPTS[0], "n": n, "max_tokens": 24, "stream": True}
+        try:
+            with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+                replies.append("".join(r.iter_text()))
+        except httpx.HTTPError as e:
+            replies.append(type(e).__name__)
+
+    for signals in ([signal.SIGINT], [signal.SIGINT, signal.SIGINT]):
+        p, url = server()
+        replies = []
+        clients = [threading.Thread(target=ask, args=(url, replies), daemon=True) for _ in range(6)]
+        for client in clients:
+            client.start()
+        health = url.removesuffix("/v1") + "/health"
+        assert wait_for(lambda health=health: httpx.get(health).json()["running"], 10)
+        for sig in signals:
+            p.send_signal(sig)
+            time.sleep(0.3)
+        err = p.stderr.read()
+        assert p.wait(timeout=60) in (0, 130) and "Traceback" not in err, err[-2000:]
+        for client in clients:
+            client.join(timeout=10)
+        statuses = [r["status"] for r in (json.loads(line) for line in err.splitlines() if line.startswith("{"))
+                    if r["path"] == "/v1/completions"]
+        assert re.search(r"^serve.py: stopping: \d+ choices running or waiting finish first \(at most 30 s; "
+                         r"Ctrl-C again stops now\)$", err, re.M)
+        if len(signals) == 1:  # every reply ended as it should
+            assert statuses == [200] * 6 and all(r.endswith("data: [DONE]\n\n") for r in replies)
+        else:
+            assert "serve.py: stopping now; the requests in flight are cut" in err and 499 in statuses
