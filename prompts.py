@@ -9,6 +9,7 @@ run sees the same batches.
 """
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -45,41 +46,43 @@ def read_records(path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
+    text = read_text(path)
+    if suffix == ".jsonl":
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as an editor numbers them
+        return [(n, _json_object(line, f"{path}:{n}")) for n, line in enumerate(lines, 1) if line.strip()]
+    if suffix == ".json":
+        return _json_list(text, path)
+    # newline="": quoted fields keep their line breaks; strict: a quote left open is an error, not the rest of
+    # the file taken into one field
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    records, start = [], 2  # line 1 is the header
     try:
-        return _read_records(path)
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}:{start}: more values than the header has columns")
+            records.append((start, row))
+            start = reader.line_num + 1  # a quoted field may span several lines
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: bad CSV ({e}) in the record from this line on; a field holding a comma, "
+                        "a quote or a line break goes in double quotes, its own quotes doubled") from None
+    return records
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text without a leading byte-order mark (Excel's and Notepad's UTF-8 start with one); a
+    file that is not UTF-8 stops with the line of its first bad byte."""
+    try:
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _read_records(path: Path) -> list[tuple[int, dict]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    records.append((n, _json_object(line, f"{path}:{n}")))
-        return records
-    if suffix == ".json":
-        return _json_list(path.read_text(encoding="utf-8"), path)
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": quoted fields keep their newlines
-            reader = csv.DictReader(f, strict=True)  # strict: a quote left open is an error, not the rest of the file
-            records, start = [], 2  # line 1 is the header
-            try:
-                for row in reader:
-                    if None in row:
-                        raise DataError(f"{path}:{start}: more values than the header has columns")
-                    records.append((start, row))
-                    start = reader.line_num + 1  # a quoted field may span several lines
-            except csv.Error as e:
-                raise DataError(f"{path}:{start}: bad CSV ({e}) in the record from this line on; a field holding "
-                                "a comma, a quote or a line break goes in double quotes, its own quotes doubled") \
-                    from None
-        return records
-    raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text; save it as UTF-8") from None
 
 
 def _json_object(text, where):
@@ -144,7 +147,10 @@ def read_pairs(path, prompt_field="prompt", improved_field="improved") -> list[P
                 raise DataError(f"{path}:{line}: no field {field!r} (fields: {', '.join(record)}); "
                                 f"name the right one with {flag}")
             value = record[field]
-            if not isinstance(value, str) or not value.strip():
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{line}: field {field!r} is {type(value).__name__}, not text; make it a "
+                                "string or remove the record")
+            if not value.strip():
                 raise DataError(f"{path}:{line}: field {field!r} is empty; fill it or remove the record")
             values.append(value)
         pairs.append(Pair(values[0], values[1], f"{path}:{line}"))
@@ -160,12 +166,7 @@ def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+        lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
         return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     prompts = []
     for line, record in read_records(path):

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> HeadConfig:
 
 def main(cfg: HeadConfig) -> dict:
     training.check_output_kind(cfg.out, folder=False, flag="--out")
-    run = training.Run.open(cfg, cfg.out, base_config(cfg.model, cfg.lora))
+    run = training.Run.open(cfg, cfg.out, base_config(cfg.model, cfg.lora), script="train_head.py")
     world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     prompter = Prompter.load(cfg.model, cfg.lora, dtype=hw.dtype, device=hw.device)
@@ -185,10 +185,11 @@ def main(cfg: HeadConfig) -> dict:
                 log.restart_clock()
             if stop and step < plan.end:  # at the end there is nothing left to resume: the run finishes
                 raise training.Interrupted(f"interrupted after step {step}, saved in {run.folder}; continue with "
-                                           f"`python train_head.py --run-dir {run.folder} --resume`")
+                                           f"`{run.resume_command()}`")
     if not val or not wrote_out:  # no validation: the last weights are the best we know
         run.on_main(save, run.out)
     run.summary(log, run.folder / "last.safetensors")
+    run.close()
     return {"step": step, "best_val_loss": log.best_val, "head": head, "model": model}
 
 

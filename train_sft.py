@@ -68,7 +68,7 @@ def parse_args(argv=None) -> TrainConfig:
 def main(cfg: TrainConfig) -> dict:
     training.check_output_kind(cfg.out, folder=True, flag="--out")
     config = phi2.PRESETS["tiny"] if cfg.model == "tiny" else base_config(cfg.model)
-    run = training.Run.open(cfg, cfg.out, config)
+    run = training.Run.open(cfg, cfg.out, config, script="train_sft.py")
     world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
     with world.main_first():  # under torchrun, rank 0 writes a tiny base; the others then read it
@@ -113,7 +113,7 @@ def main(cfg: TrainConfig) -> dict:
     run.write_config(inputs)
     run.say(f"stage 1: {len(train)} training / {len(val)} validation examples, "
             f"{sum(p.numel() for p in params.values()):,} LoRA parameters, {plan.total_steps} steps")
-    wrote_out = cfg.resume and run.out.exists()  # whether --out holds this run's weights
+    wrote_out = bool(best.get("step"))  # whether --out holds this run's best weights (a validation beat step 0)
 
     model.train()
     with training.Log(run, plan, step, best, run.hparams(plan)) as log, training.StopSignals(run) as signals:
@@ -165,10 +165,11 @@ def main(cfg: TrainConfig) -> dict:
                 log.restart_clock()
             if stop and step < plan.end:  # at the end there is nothing left to resume: the run finishes
                 raise training.Interrupted(f"interrupted after step {step}, saved in {run.folder}; continue with "
-                                           f"`python train_sft.py --run-dir {run.folder} --resume`")
+                                           f"`{run.resume_command()}`")
     if not val or not wrote_out:  # no validation, or it never beat the start: the last weights stand in
         run.on_main(save, run.out)
     run.summary(log, run.folder / "last")
+    run.close()
     return {"step": step, "best_val_loss": log.best_val, "model": model}
 
 

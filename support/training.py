@@ -17,6 +17,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -31,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import phi2
 from phi2.config import read_json
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
@@ -249,19 +253,22 @@ class Plan:
 class Run:
     """A training run's folder, hardware and processes: checked and set up by open(), before any loading."""
 
-    def __init__(self, cfg: RunConfig, out: Path, world: ddp.World, hw: hardware.Hardware, saved: dict):
-        self.cfg, self.out, self.world, self.hw, self.saved = cfg, Path(out), world, hw, saved
+    def __init__(self, cfg: RunConfig, out: Path, world: ddp.World, hw: hardware.Hardware, saved: dict,
+                 script="train.py"):
+        self.cfg, self.out, self.world, self.hw, self.saved, self.script = cfg, Path(out), world, hw, saved, script
         self.folder = Path(cfg.run_dir)
 
     @classmethod
-    def open(cls, cfg: RunConfig, out, config=None) -> "Run":
+    def open(cls, cfg: RunConfig, out, config=None, script="train.py") -> "Run":
         """Check the folder (a fresh run, or one to resume with the settings it began with), resolve the hardware
         (for a model of this config), join the other processes under torchrun, and print the run's first line.
         out: the artefact the run makes (the best adapter or head), which a fresh run may only replace with
-        --overwrite."""
+        --overwrite; script: the trainer's file, for the command that resumes the run."""
         world, folder, out = ddp.from_env(), Path(cfg.run_dir), Path(out)
         if folder.exists() and not folder.is_dir():
             raise TrainingError(f"--run-dir {folder} is a file; a run's folder goes there: choose another --run-dir")
+        if world.is_main and (folder.exists() or not cfg.resume):
+            lock(folder)
         saved = {}
         if cfg.resume:
             saved = check_resumable(cfg, folder, world.size)
@@ -279,7 +286,7 @@ class Run:
                                 f"{was['precision']}")
         ddp.start(world, hw.device)
         world.barrier()  # every process has checked the folder before rank 0 writes to it
-        run = cls(cfg, out, world, hw, saved)
+        run = cls(cfg, out, world, hw, saved, script)
         processes = f" x {world.size} processes" if world.size > 1 else ""
         run.say(f"{hw.describe()}; batch {cfg.batch_size} x grad-accum {cfg.grad_accum}{processes} = global "
                 f"batch {cfg.batch_size * cfg.grad_accum * world.size}")
@@ -322,11 +329,33 @@ class Run:
                                     "new --run-dir")
 
     def write_config(self, inputs: dict):
-        """train_config.json of a fresh run: its settings, hardware, processes and inputs (rank 0)."""
-        if self.world.is_main and not self.cfg.resume:
-            saved = {**dataclasses.asdict(self.cfg), "hardware": self.hw.to_dict(), "processes": self.world.size,
-                     "inputs": inputs}
-            write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
+        """train_config.json (rank 0): a fresh run's settings (paths made absolute, so that it resumes from any
+        folder), hardware, processes and inputs; on a resume, the settings it may change (how long it runs, how
+        often it logs and saves, where it computes), so that the next resume keeps them."""
+        if not self.world.is_main:
+            return
+        now = dataclasses.asdict(self.cfg)
+        if self.cfg.resume:
+            saved = {**self.saved, **{k: v for k, v in now.items() if k in RESUMABLE_CHANGES - ONE_INVOCATION}}
+        else:
+            saved = {**{k: saved_value(k, v) for k, v in now.items()}, "hardware": self.hw.to_dict(),
+                     "processes": self.world.size, "inputs": inputs}
+        write_atomic(self.folder / "train_config.json", json.dumps(saved, indent=2) + "\n")
+
+    def close(self):
+        """The run is over: another process may use its folder (see lock)."""
+        held = _LOCKS.pop(self.folder.resolve(), None)
+        if held:
+            held.close()
+
+    def resume_command(self) -> str:
+        """The command that continues this run: the same script, on as many processes."""
+        args = f"{self.script} --run-dir {shlex.quote(str(self.folder))} --resume"
+        if self.world.size == 1:
+            return f"python {args}"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.size))
+        nodes = f" --nnodes {self.world.size // local} (and the rendezvous flags)" if local < self.world.size else ""
+        return f"torchrun --nproc_per_node {local}{nodes} {args}"
 
     def hparams(self, plan: Plan) -> dict:
         """What the reporters record of the run: its settings and what they resolved to."""
@@ -344,9 +373,13 @@ class Run:
         if not self.world.is_main:
             return
         best, best_step, first = log.best_val, log.best_step, log.first_val
-        lines = [f"done: step {log.step} of {log.total_steps} in {_duration(log.seconds)}"
-                 + (f", {log.tokens / log.seconds:,.0f} tokens/s" if log.seconds else "")]
-        if best is None:
+        paused = log.step < log.total_steps
+        lines = [f"{'paused after' if paused else 'done:'} step {log.step} of {log.total_steps} in "
+                 f"{_duration(log.seconds)}" + (f", {log.tokens / log.seconds:,.0f} tokens/s" if log.seconds else "")]
+        if paused:
+            lines.append(f"continue with `{self.resume_command()}`" + (
+                "" if best is None else f"; best validation loss so far {best:.4f} at step {best_step}"))
+        elif best is None:
             lines.append("no validation split (--val-fraction 0): the best artefact is the last weights")
         elif best_step == 0:
             lines.append(f"validation never improved on its first value ({first:.4f} at step 0): the best artefact "
@@ -359,13 +392,52 @@ class Run:
             self.say(line)
 
 
+PATHS = {"model", "data", "run_dir", "out", "lora"}  # settings naming a file or folder: saved as absolute paths
+
+
+def saved_value(key: str, value):
+    """A setting as train_config.json holds it: a path absolute (a model preset's name, e.g. tiny, as it is)."""
+    if key in PATHS and isinstance(value, str) and value and (key != "model" or value not in phi2.PRESETS):
+        return os.path.abspath(value)
+    return value
+
+
+_LOCKS = {}  # folder -> its open .lock file, held until the process ends
+
+
+def lock(folder: Path):
+    """Make folder and hold a lock on folder/.lock until the run closes or this process ends: a second trainer
+    on the same run folder (a --resume while the run still goes on) is refused. A POSIX record lock, which a
+    crash or a kill releases; where there is none (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    f = _LOCKS.get(folder.resolve()) or open(folder / ".lock", "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        raise TrainingError(f"{folder} is in use by another training process{f' (pid {pid})' if pid else ''}; "
+                            "wait for it to end or stop it, or choose another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[folder.resolve()] = f
+
+
 def check_resumable(cfg: RunConfig, folder: Path, processes: int = 1) -> dict:
     """A run may only be resumed with the settings it was started with (bar RESUMABLE_CHANGES) and on as
-    many processes (a step's examples depend on the global batch); returns the saved train_config.json."""
+    many processes (a step's examples depend on the global batch); returns the saved train_config.json. Paths
+    are compared as absolute paths: a run resumes from any folder, but not once moved (its --out may be in it)."""
     saved = read_saved_config(folder)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as saved: tuples become lists
     changed = [f"--{key.replace('_', '-')} {_flag(saved.get(key))}, not {_flag(value)}" for key, value in now.items()
-               if key not in RESUMABLE_CHANGES and saved.get(key) != value]
+               if key not in RESUMABLE_CHANGES and saved_value(key, saved.get(key)) != saved_value(key, value)]
     if changed:
         raise TrainingError(f"{folder} was started with {'; '.join(changed)}; resume with the same settings "
                             "(`--run-dir DIR --resume` alone takes them from the folder) or choose another --run-dir")
@@ -470,6 +542,7 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
         torch.cuda.set_rng_state(tensors[f"rng.cuda{mine}"], run.hw.device)
     if scaler_state is not None:
         scaler.load_state_dict(scaler_state)
+    run.say(f"resuming after step {step} of {plan.total_steps}, from {path}")
     return step, best
 
 
@@ -704,11 +777,14 @@ class StopSignals:
         return self
 
     def _ask(self, signum, frame):
-        if self.asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.asked:  # a second Ctrl-C; a SIGTERM after it (torchrun passing a Ctrl-C on) asks nothing new
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.asked = True
-        print("\nstopping after this step (Ctrl-C again to stop at once, keeping the last checkpoint)",
-              file=sys.stderr, flush=True)
+        if self.run.world.is_main:
+            print("\nstopping after this step (Ctrl-C again to stop at once, keeping the last checkpoint)",
+                  file=sys.stderr, flush=True)
 
     def stop(self) -> bool:
         """Whether any process was asked to stop: every process stops after the same step."""
@@ -720,6 +796,14 @@ class StopSignals:
     def __exit__(self, kind, error, traceback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if kind is not None and issubclass(kind, torch.distributed.DistError):
-            raise TrainingError(f"lost contact with another process ({error}); the last checkpoint in "
-                                f"{self.run.folder} is kept; continue with --resume") from None
+        lost = kind is not None and (issubclass(kind, torch.distributed.DistError) or (
+            self.run.world.size > 1 and issubclass(kind, RuntimeError) and LOST.search(str(error))))
+        if lost:
+            why = re.sub(r"^\[[^]]*\] *", "", " ".join(str(error).split())).split(". ")[0][:200]  # gloo's file:line
+            raise TrainingError(f"lost contact with another process ({why}); the "
+                                f"last checkpoint in {self.run.folder} is kept; continue with "
+                                f"`{self.run.resume_command()}`") from None
+
+
+# what a collective raises when another process has gone (gloo's transport errors are plain RuntimeErrors)
+LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|gloo|nccl|socket timeout", re.I)

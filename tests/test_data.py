@@ -118,12 +118,28 @@ def test_duplicates_are_dropped_and_a_prompt_stays_on_one_side():
     assert prompts.split_pairs(pairs, 0.1, seed=5) == (train, val, 2)
 
 
+def test_a_byte_order_mark_is_read_past_and_a_field_that_is_not_text_is_named(tmp_path):
+    """Excel and Notepad write UTF-8 with a byte-order mark first: read as the same records."""
+    bom = "\ufeff".encode()
+    for name, content in (("d.jsonl", b'{"prompt": "a", "improved": "b"}\r\n'), ("d.csv", b"prompt,improved\na,b\n"),
+                          ("d.json", b'[{"prompt": "a", "improved": "b"}]')):
+        (tmp_path / name).write_bytes(bom + content)
+        assert [(p.prompt, p.improved) for p in prompts.read_pairs(tmp_path / name)] == [("a", "b")], name
+    (tmp_path / "p.txt").write_bytes(bom + b"first\r\nsecond\n")
+    assert prompts.read_prompts(tmp_path / "p.txt") == [(f"{tmp_path / 'p.txt'}:1", "first"),
+                                                         (f"{tmp_path / 'p.txt'}:2", "second")]
+    (tmp_path / "n.jsonl").write_text('{"prompt": 123, "improved": "b"}\n')
+    with pytest.raises(DataError, match=r"n.jsonl:1: field 'prompt' is int, not text"):
+        prompts.read_pairs(tmp_path / "n.jsonl")
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("d.jsonl", b'{"prompt": "a", "improved": "b"}\n' + b"[" * 50_000 + b"\n", "d.jsonl:2: JSON nested too deeply"),
     ("d.json", b'[\n{"prompt": "a", "improved": "b"},\n' + b'{"x": ' * 50_000, "d.json:3: JSON nested too deeply"),
     ("d.jsonl", b'{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}\n", "d.jsonl:1: not readable as JSON"),
     ("d.json", b'[{"prompt": "a", "improved": "b", "n": ' + b"7" * 5000 + b"}]", "d.json:1: not readable as JSON"),
-    ("d.jsonl", b'{"prompt": "caf\xe9", "improved": "b"}\n', "d.jsonl: not UTF-8 text; save it as UTF-8"),
+    ("d.jsonl", b'{"prompt": "a", "improved": "b"}\n{"prompt": "caf\xe9", "improved": "b"}\n',
+     "d.jsonl:2: not UTF-8 text; save it as UTF-8"),
     ("d.json", b" \n", "d.json: empty; expected a JSON list of objects"),
     ("d.csv", b'prompt,improved\na,"b\nc\n', r"d.csv:2: bad CSV \(unexpected end of data\) in the record"),
     ("d.txt", None, "d.txt: no such file"),

@@ -9,6 +9,7 @@ the weight by a visible fraction of the learning rate).
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,6 +112,10 @@ def test_a_killed_two_process_job_resumes_exactly(stage1):
     # the second process dies by SIGKILL after step 5; the checkpoint of step 3 is the last good one
     died = torchrun("train_sft.py", args, kill_at=5, check=False)
     assert died.returncode != 0
+    # the process left says so in one line, with the command that continues the job
+    assert re.search(r"^train_sft.py: error: lost contact with another process \(.*\); the last checkpoint in "
+                     rf".*killed is kept; continue with `torchrun --nproc_per_node 2 train_sft.py --run-dir "
+                     rf"{re.escape(str(folder / 'killed'))} --resume`$", died.stderr, re.M), died.stderr[-3000:]
     assert max(r["step"] for r in log(folder / "killed")) <= 6
     torchrun("train_sft.py", [*args, "--resume"])
     if not (folder / "two").exists():

@@ -109,6 +109,24 @@ def test_cli_parses_the_papers_settings():
     assert cfg.rank == 32 and cfg.alpha == 64.0 and cfg.lora_modules == lora.DEFAULT_MODULES and cfg.precision == "auto"
 
 
+def test_a_pause_and_resume_leave_the_last_weights_in_out_when_validation_never_improves(data, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--stop-after writes the weights of the pause to --out as a stand-in; the resumed run's end replaces them."""
+    from safetensors.torch import load_file
+
+    from support import ddp
+    worse = iter(range(1, 100))
+    monkeypatch.setattr(ddp.World, "mean", lambda self, total, count, device: float(next(worse)))  # never better
+    train_sft.main(config(data, tmp_path, max_steps=8, stop_after=3))
+    err = capsys.readouterr().err
+    assert "paused after step 3 of 8" in err and "continue with `python " in err and "--resume`" in err
+    assert "try a lower --lr" not in err  # nothing to advise at a pause
+    train_sft.main(config(data, tmp_path, max_steps=8, resume=True))
+    assert "validation never improved" in capsys.readouterr().err
+    out, last = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("best", "last"))
+    assert out.keys() == last.keys() and all(torch.equal(out[k], last[k]) for k in out)
+
+
 def test_without_validation_out_holds_the_final_weights_after_a_resume(data, tmp_path):
     cfg = dict(val_fraction=0.0, max_steps=4, save_interval=10)
     train_sft.main(config(data, tmp_path, stop_after=2, **cfg))

@@ -64,9 +64,40 @@ def test_run_dir_and_resume_alone_continue_exactly_and_a_changed_setting_is_refu
     train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume"]))
     untimed = lambda run: [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in records(run)]
     assert untimed(tmp_path / "stopped") == untimed(tmp_path / "straight")
-    # a setting that may change (how long it runs) is taken from the command line
-    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume", "--max-steps", "10"]))
+    # a setting that may change (how long it runs) is taken from the command line, and kept for the next resume
+    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume", "--max-steps", "12",
+                                         "--stop-after", "10"]))
     assert max(r["step"] for r in records(tmp_path / "stopped")) == 10
+    train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path / "stopped"), "--resume"]))
+    assert max(r["step"] for r in records(tmp_path / "stopped")) == 12
+
+
+def test_a_run_resumes_from_another_folder_and_a_second_trainer_on_it_is_refused(data, tmp_path, monkeypatch):
+    """Paths are saved absolute: `--run-dir X --resume` works from anywhere, and a data path given another way
+    is the same file. A folder another process trains in is refused."""
+    import subprocess
+    monkeypatch.chdir(data.parent)
+    relative = ["--data", data.name, "--run-dir", "run"]
+    train_sft.main(train_sft.parse_args([*argv(data, "run", "--stop-after", "2"), *relative]))
+    saved = json.loads((data.parent / "run" / "train_config.json").read_text())
+    assert saved["data"] == str(data) and saved["run_dir"] == str(data.parent / "run")
+    monkeypatch.chdir(tmp_path)
+    train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume", "--stop-after", "4",
+                                         "--data", str(data)]))
+    assert max(r["step"] for r in records(data.parent / "run")) == 4
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(data.parent / "run" / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        in_use = r"run is in use by another training process \(pid \d+\); wait"
+        with pytest.raises(training.TrainingError, match=in_use):
+            train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume"]))
+    finally:
+        holder.kill()
+        holder.wait()
+    train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume"]))  # free again
+    assert max(r["step"] for r in records(data.parent / "run")) == 8
 
 
 def test_head_runs_resume_from_their_folder_alone(tmp_path):
