@@ -193,10 +193,10 @@ def main(cfg: ServeConfig):
             if not self.should_exit:
                 busy = len(api.engine.rows) + api.engine.waiting()
                 if busy:
-                    print(f"serve.py: stopping: {busy} choices running or waiting finish first (at most {DRAIN:.0f} s; "
-                          "Ctrl-C again stops now)", file=sys.stderr, flush=True)
+                    say(f"serve.py: stopping: {busy} choices running or waiting finish first (at most {DRAIN:.0f} s; "
+                        "Ctrl-C again stops now)")
             elif sig == signal.SIGINT:  # uvicorn's force exit
-                print("serve.py: stopping now; the requests in flight are cut", file=sys.stderr, flush=True)
+                say("serve.py: stopping now; the requests in flight are cut")
             super().handle_exit(sig, frame)
 
     logging.getLogger("uvicorn.error").addFilter(lambda record: not cancelled(record))
@@ -205,6 +205,12 @@ def main(cfg: ServeConfig):
                               timeout_graceful_shutdown=DRAIN)).run(sockets=[sock])
     finally:
         api.engine.close()
+
+
+def say(line: str):
+    """A line on stderr in one write, between the access log's lines (a signal handler runs between any two)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def cancelled(record: logging.LogRecord) -> bool:

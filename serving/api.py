@@ -471,7 +471,9 @@ def build_app(api: API) -> FastAPI:
 
         def log():
             line = api.access_line(request, request.state.record, response.status_code, time.perf_counter() - start)
-            print(line, file=api.log or sys.stderr, flush=True)
+            stream = api.log or sys.stderr
+            stream.write(line + "\n")  # one write: a line printed by a signal handler never lands inside it
+            stream.flush()
 
         body = getattr(response, "body_iterator", None)
         if body is None:

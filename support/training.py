@@ -267,8 +267,6 @@ class Run:
         world, folder, out = ddp.from_env(), Path(cfg.run_dir), Path(out)
         if folder.exists() and not folder.is_dir():
             raise TrainingError(f"--run-dir {folder} is a file; a run's folder goes there: choose another --run-dir")
-        if world.is_main and (folder.exists() or not cfg.resume):
-            lock(folder)
         saved = {}
         if cfg.resume:
             saved = check_resumable(cfg, folder, world.size)
@@ -284,6 +282,8 @@ class Run:
             raise TrainingError(f"{folder} was trained in {was['precision']} on {was.get('device')}, but here "
                                 f"--precision {cfg.precision} means {hw.precision}; resume with --precision "
                                 f"{was['precision']}")
+        if world.is_main:
+            lock(folder)  # made, and ours alone: after the checks, so that a run refused leaves no folder behind
         ddp.start(world, hw.device)
         world.barrier()  # every process has checked the folder before rank 0 writes to it
         run = cls(cfg, out, world, hw, saved, script)
@@ -291,8 +291,6 @@ class Run:
         run.say(f"{hw.describe()}; batch {cfg.batch_size} x grad-accum {cfg.grad_accum}{processes} = global "
                 f"batch {cfg.batch_size * cfg.grad_accum * world.size}")
         torch.manual_seed(cfg.seed)  # the same initialisation in every process
-        if world.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
         return run
 
     def say(self, message: str):
@@ -409,11 +407,11 @@ def lock(folder: Path):
     """Make folder and hold a lock on folder/.lock until the run closes or this process ends: a second trainer
     on the same run folder (a --resume while the run still goes on) is refused. A POSIX record lock, which a
     crash or a kill releases; where there is none (Windows), nothing is locked."""
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     f = _LOCKS.get(folder.resolve()) or open(folder / ".lock", "a+")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
