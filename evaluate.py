@@ -40,7 +40,7 @@ from tqdm import tqdm
 from head_adapter import content_id, stage1_id
 from phi2.errors import UsageError
 from phi2.files import write_atomic
-from prompts import read_records
+from prompts import read_records, read_text, text_lines
 from support import cli, hardware
 from support.llm import (
     DEFAULT_CACHE,
@@ -214,14 +214,7 @@ def read_instructions(path, field=None) -> list[Item]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise EvalError(f"{path}: no such file")
-        try:
-            data = path.read_bytes()
-            lines = data.decode("utf-8").removeprefix("\ufeff").split("\n")  # lines as an editor numbers them
-        except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            raise EvalError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
-        except OSError as e:
-            raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
+        lines = text_lines(read_text(path))
         items = [Item(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     else:
         items = [_item(where, record, field) for where, record in _records(path)]

@@ -51,7 +51,7 @@ def read_records(path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .csv")
     text = read_text(path)
     if suffix == ".jsonl":
-        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as an editor numbers them
+        lines = text_lines(text)
         return [(n, _json_object(line, f"{path}:{n}")) for n, line in enumerate(lines, 1) if line.strip()]
     if suffix == ".json":
         return _json_list(text, path)
@@ -71,6 +71,12 @@ def read_records(path) -> list[tuple[int, dict]]:
     return records
 
 
+def text_lines(text: str) -> list[str]:
+    """text's lines as an editor numbers them: ended by \n, \r\n or \r (and no other line separator, which
+    may stand inside a JSON string)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 file's text without a leading byte-order mark (Excel's and Notepad's UTF-8 start with one); a
     file that is not UTF-8 stops with the line of its first bad byte."""
@@ -81,7 +87,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = len(text_lines(data[:e.start].decode("utf-8")))
         raise DataError(f"{path}:{line}: not UTF-8 text; save it as UTF-8") from None
 
 
@@ -166,7 +172,7 @@ def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        lines = text_lines(read_text(path))
         return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     prompts = []
     for line, record in read_records(path):

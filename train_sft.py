@@ -113,7 +113,8 @@ def main(cfg: TrainConfig) -> dict:
     run.write_config(inputs)
     run.say(f"stage 1: {len(train)} training / {len(val)} validation examples, "
             f"{sum(p.numel() for p in params.values()):,} LoRA parameters, {plan.total_steps} steps")
-    wrote_out = bool(best.get("step"))  # whether --out holds this run's best weights (a validation beat step 0)
+    # whether --out holds this run's best weights: a validation beat step 0 (an older state does not say which)
+    wrote_out = cfg.resume and best.get("step") != 0 and run.out.exists()
 
     model.train()
     with training.Log(run, plan, step, best, run.hparams(plan)) as log, training.StopSignals(run) as signals:

@@ -8,6 +8,7 @@ one line. Every flag has help text, and --help shows each default.
 
 import argparse
 import math
+import os
 import sys
 
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
@@ -80,7 +81,8 @@ def run(name: str, main, parse_args, argv=None, on_interrupt=""):
     try:
         return main(parse_args(argv))
     except UsageError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        if not getattr(e, "rank_0_says", False) or os.environ.get("RANK", "0") == "0":  # (torchrun's processes)
+            print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"{name}: interrupted{on_interrupt}", file=sys.stderr)

@@ -79,6 +79,7 @@ class RunConfig:
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "resume", "stop_after",
                      "device", "overwrite", "report_to"}
 ONE_INVOCATION = {"resume", "stop_after", "overwrite"}  # what a --resume does not take from the run's folder
+SAVED_ON_RESUME = {"epochs", "max_steps", "eval_interval", "save_interval", "log_interval", "device"}  # kept after
 REPORTERS = ("tensorboard", "wandb")
 
 
@@ -87,8 +88,10 @@ class TrainingError(UsageError):
 
 
 class Interrupted(TrainingError):
-    """Ctrl-C or SIGTERM, after the run was saved: exit status 130, as for any interrupted command."""
+    """Ctrl-C or SIGTERM, after the run was saved: exit status 130, as for any interrupted command. Every process
+    stops so, after the same step: rank 0 alone says it."""
     exit_code = 130
+    rank_0_says = True
 
 
 def add_run_args(p: argparse.ArgumentParser, d: RunConfig):
@@ -253,13 +256,13 @@ class Plan:
 class Run:
     """A training run's folder, hardware and processes: checked and set up by open(), before any loading."""
 
-    def __init__(self, cfg: RunConfig, out: Path, world: ddp.World, hw: hardware.Hardware, saved: dict,
-                 script="train.py"):
+    def __init__(self, cfg: RunConfig, out: Path, world: ddp.World, hw: hardware.Hardware, saved: dict, script: str):
         self.cfg, self.out, self.world, self.hw, self.saved, self.script = cfg, Path(out), world, hw, saved, script
+        self.locked = None  # the run folder whose lock this process holds (see lock)
         self.folder = Path(cfg.run_dir)
 
     @classmethod
-    def open(cls, cfg: RunConfig, out, config=None, script="train.py") -> "Run":
+    def open(cls, cfg: RunConfig, out, config, script: str) -> "Run":
         """Check the folder (a fresh run, or one to resume with the settings it began with), resolve the hardware
         (for a model of this config), join the other processes under torchrun, and print the run's first line.
         out: the artefact the run makes (the best adapter or head), which a fresh run may only replace with
@@ -282,11 +285,11 @@ class Run:
             raise TrainingError(f"{folder} was trained in {was['precision']} on {was.get('device')}, but here "
                                 f"--precision {cfg.precision} means {hw.precision}; resume with --precision "
                                 f"{was['precision']}")
-        if world.is_main:
-            lock(folder)  # made, and ours alone: after the checks, so that a run refused leaves no folder behind
+        locked = lock(folder) if world.is_main else None  # made and ours: after the checks, which leave no folder
         ddp.start(world, hw.device)
         world.barrier()  # every process has checked the folder before rank 0 writes to it
         run = cls(cfg, out, world, hw, saved, script)
+        run.locked = locked
         processes = f" x {world.size} processes" if world.size > 1 else ""
         run.say(f"{hw.describe()}; batch {cfg.batch_size} x grad-accum {cfg.grad_accum}{processes} = global "
                 f"batch {cfg.batch_size * cfg.grad_accum * world.size}")
@@ -334,7 +337,8 @@ class Run:
             return
         now = dataclasses.asdict(self.cfg)
         if self.cfg.resume:
-            saved = {**self.saved, **{k: v for k, v in now.items() if k in RESUMABLE_CHANGES - ONE_INVOCATION}}
+            saved = {**self.saved, **{k: v for k, v in now.items() if k in SAVED_ON_RESUME},
+                     "hardware": self.hw.to_dict()}
         else:
             saved = {**{k: saved_value(k, v) for k, v in now.items()}, "hardware": self.hw.to_dict(),
                      "processes": self.world.size, "inputs": inputs}
@@ -342,7 +346,7 @@ class Run:
 
     def close(self):
         """The run is over: another process may use its folder (see lock)."""
-        held = _LOCKS.pop(self.folder.resolve(), None)
+        held = _LOCKS.pop(self.locked, None)
         if held:
             held.close()
 
@@ -376,7 +380,8 @@ class Run:
                  f"{_duration(log.seconds)}" + (f", {log.tokens / log.seconds:,.0f} tokens/s" if log.seconds else "")]
         if paused:
             lines.append(f"continue with `{self.resume_command()}`" + (
-                "" if best is None else f"; best validation loss so far {best:.4f} at step {best_step}"))
+                "" if best is None or best_step is None else f"; best validation loss so far {best:.4f} at step "
+                f"{best_step}"))
         elif best is None:
             lines.append("no validation split (--val-fraction 0): the best artefact is the last weights")
         elif best_step == 0:
@@ -396,7 +401,7 @@ PATHS = {"model", "data", "run_dir", "out", "lora"}  # settings naming a file or
 def saved_value(key: str, value):
     """A setting as train_config.json holds it: a path absolute (a model preset's name, e.g. tiny, as it is)."""
     if key in PATHS and isinstance(value, str) and value and (key != "model" or value not in phi2.PRESETS):
-        return os.path.abspath(value)
+        return os.path.realpath(value)
     return value
 
 
@@ -411,7 +416,7 @@ def lock(folder: Path):
     try:
         import fcntl
     except ImportError:
-        return
+        return None
     f = _LOCKS.get(folder.resolve()) or open(folder / ".lock", "a+")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -426,6 +431,7 @@ def lock(folder: Path):
     f.write(f"{os.getpid()}\n")
     f.flush()
     _LOCKS[folder.resolve()] = f
+    return folder.resolve()
 
 
 def check_resumable(cfg: RunConfig, folder: Path, processes: int = 1) -> dict:
@@ -775,12 +781,12 @@ class StopSignals:
         return self
 
     def _ask(self, signum, frame):
-        if self.asked:  # a second Ctrl-C; a SIGTERM after it (torchrun passing a Ctrl-C on) asks nothing new
+        if self.asked:  # a second Ctrl-C stops at once; a SIGTERM after a first signal asks nothing new
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
         self.asked = True
-        if self.run.world.is_main:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once on each machine, where its terminal sees it
             print("\nstopping after this step (Ctrl-C again to stop at once, keeping the last checkpoint)",
                   file=sys.stderr, flush=True)
 
@@ -794,14 +800,17 @@ class StopSignals:
     def __exit__(self, kind, error, traceback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if kind is not None:  # the run ends here (interrupted, diverged, failed): its folder is free again
+            self.run.close()
         lost = kind is not None and (issubclass(kind, torch.distributed.DistError) or (
             self.run.world.size > 1 and issubclass(kind, RuntimeError) and LOST.search(str(error))))
         if lost:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the survivors: say why first
             why = re.sub(r"^\[[^]]*\] *", "", " ".join(str(error).split())).split(". ")[0][:200]  # gloo's file:line
-            raise TrainingError(f"lost contact with another process ({why}); the "
-                                f"last checkpoint in {self.run.folder} is kept; continue with "
-                                f"`{self.run.resume_command()}`") from None
+            raise TrainingError(f"lost contact with another process ({why}); the last checkpoint in "
+                                f"{self.run.folder} is kept; continue with `{self.run.resume_command()}`") from None
 
 
 # what a collective raises when another process has gone (gloo's transport errors are plain RuntimeErrors)
-LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|gloo|nccl|socket timeout", re.I)
+LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|timed out|socket timeout", re.I)

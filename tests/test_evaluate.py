@@ -548,7 +548,7 @@ def test_nothing_judged_is_null_in_results_json_not_nan(servers, files, tmp_path
 def test_text_that_is_not_unicode_is_one_line_naming_its_place(tmp_path):
     latin1 = tmp_path / "instructions.txt"
     latin1.write_bytes("first\nna\u00efve caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(evaluate.EvalError, match=r"instructions.txt:2: not UTF-8 text; save the file as UTF-8"):
+    with pytest.raises(evaluate.UsageError, match=r"instructions.txt:2: not UTF-8 text; save it as UTF-8"):
         evaluate.read_instructions(latin1)
     lone = tmp_path / "inst.json"
     lone.write_text('[{"instruction": "fine"}, {"instruction": "half a pair \\ud83d here"}]')

@@ -81,7 +81,7 @@ def test_a_non_finite_weight_after_the_optimizer_step_stops_training(bad, tmp_pa
     w = torch.nn.Parameter(torch.full((1000,), 1e20))  # large but finite: not a divergence by itself
     cfg = training.RunConfig(run_dir=str(tmp_path), device="cpu", precision="fp32", batch_size=1, grad_accum=1,
                              max_steps=5, log_interval=1, eval_interval=100, save_interval=100)
-    run = training.Run.open(cfg, tmp_path / "out")
+    run = training.Run.open(cfg, tmp_path / "out", None, script="train.py")
     plan = training.Plan(cfg, [prompts.Example([1, 2], [1, 2])] * 5)
     with training.Log(run, plan, 0, {}, {}) as log, pytest.raises(training.TrainingError,
                                                                   match="training diverged at step 2"):

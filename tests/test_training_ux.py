@@ -85,12 +85,13 @@ def test_a_run_resumes_from_another_folder_and_a_second_trainer_on_it_is_refused
     train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume", "--stop-after", "4",
                                          "--data", str(data)]))
     assert max(r["step"] for r in records(data.parent / "run")) == 4
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.seek(0); f.truncate(); "
+                               "f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); time.sleep(60)",
                                str(data.parent / "run" / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline() == "held\n"
-        in_use = r"run is in use by another training process \(pid \d+\); wait"
+        assert holder.stdout.readline() == "held\n"  # (it fails at once if this process still held the lock)
+        in_use = rf"run is in use by another training process \(pid {holder.pid}\); wait for it"
         with pytest.raises(training.TrainingError, match=in_use):
             train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume"]))
     finally:
@@ -98,6 +99,23 @@ def test_a_run_resumes_from_another_folder_and_a_second_trainer_on_it_is_refused
         holder.wait()
     train_sft.main(train_sft.parse_args(["--run-dir", str(data.parent / "run"), "--resume"]))  # free again
     assert max(r["step"] for r in records(data.parent / "run")) == 8
+
+
+def test_ctrl_c_asks_once_a_second_stops_at_once_and_a_sigterm_after_it_asks_nothing_more(capsys):
+    import os
+    import signal
+    import types
+    run = types.SimpleNamespace(world=types.SimpleNamespace(size=1))
+    for first, then in ((signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT), (signal.SIGINT, None)):
+        with training.StopSignals(run) as signals:
+            os.kill(os.getpid(), first)
+            assert signals.stop()
+            os.kill(os.getpid(), signal.SIGTERM)  # a SIGTERM after it: nothing new
+            if then is not None:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), then)
+        assert capsys.readouterr().err.count("stopping after this step") == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_head_runs_resume_from_their_folder_alone(tmp_path):
