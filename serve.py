@@ -171,6 +171,7 @@ def main(cfg: ServeConfig):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:  # bound here, so that a port in use is one line and --port 0 can say which port it got
         sock.bind((cfg.host, cfg.port))
+        sock.listen(2048)  # now, not when uvicorn starts: a client that connects once "serving" is printed waits
     except OSError as e:
         raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
                          "(0: any free one)") from None
