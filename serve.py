@@ -171,7 +171,6 @@ def main(cfg: ServeConfig):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:  # bound here, so that a port in use is one line and --port 0 can say which port it got
         sock.bind((cfg.host, cfg.port))
-        sock.listen(2048)  # now, not when uvicorn starts: a client that connects once "serving" is printed waits
     except OSError as e:
         raise UsageError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); choose another --port "
                          "(0: any free one)") from None
@@ -184,6 +183,7 @@ def main(cfg: ServeConfig):
     api = app.state.api
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     proxied = f" (proxy for {', '.join(api.proxy.upstreams)})" if api.proxy else ""
+    sock.listen(2048)  # before it is said, not when uvicorn starts: a client that connects at once waits
     print(f"serving {', '.join(api.models)} on http://{host}:{port}/v1{proxied}", file=sys.stderr, flush=True)
     import uvicorn
 
@@ -201,10 +201,10 @@ def main(cfg: ServeConfig):
             super().handle_exit(sig, frame)
 
     logging.getLogger("uvicorn.error").addFilter(lambda record: not cancelled(record))
-    try:
+    try:  # uvicorn raises the signal that stopped it again at the end: Ctrl-C exits 130, SIGTERM 143
         Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",  # no start-up hooks
                               timeout_graceful_shutdown=DRAIN)).run(sockets=[sock])
-    finally:
+    finally:  # (after a Ctrl-C; a SIGTERM ends the process first, once the drain has left the decoder idle)
         api.engine.close()
 
 

@@ -229,9 +229,9 @@ class LLM:
         cached = self.cache.get(key) if self.cache else None
         if cached is not None and (keep is None or self.offline or keep(cached)):
             return cached
+        if self.offline:  # (not counted below: the endpoint was never asked)
+            raise RequestFailed(f"{self.offline}, and this request is not in the cache")
         try:
-            if self.offline:
-                raise RequestFailed(f"{self.offline}, and this request is not in the cache", endpoint=True)
             answer = self._ask(messages, params)
         except RequestFailed as e:
             with self.count_lock:
@@ -239,6 +239,8 @@ class LLM:
                 if self.failed_in_a_row >= FAILED_IN_A_ROW:
                     raise LLMError(f"{e}; stopping: {self.failed_in_a_row} requests in a row to {self.base_url} "
                                    "failed so; rerun once it answers") from None
+            if cached is not None:
+                return cached  # asked again, in vain: the reply it had stands
             raise
         with self.count_lock:
             self.failed_in_a_row = 0

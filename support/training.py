@@ -34,7 +34,6 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import phi2
 from phi2.config import read_json
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
@@ -399,8 +398,8 @@ PATHS = {"model", "data", "run_dir", "out", "lora"}  # settings naming a file or
 
 
 def saved_value(key: str, value):
-    """A setting as train_config.json holds it: a path absolute (a model preset's name, e.g. tiny, as it is)."""
-    if key in PATHS and isinstance(value, str) and value and (key != "model" or value not in phi2.PRESETS):
+    """A setting as train_config.json holds it: a path absolute (--model tiny, a random model, as it is)."""
+    if key in PATHS and isinstance(value, str) and value and (key, value) != ("model", "tiny"):
         return os.path.realpath(value)
     return value
 

@@ -235,18 +235,21 @@ def test_a_server_failing_every_request_stops_the_run_and_a_rerun_completes_it(s
 
 def test_a_rerun_from_the_cache_needs_no_server_and_fails_only_the_requests_it_lacks(servers, files, tmp_path,
                                                                                      monkeypatch, capsys):
-    def judge_reply(body):  # the judge refuses one item's judgments: the cache lacks them
-        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"]:
+    refused = [i for i, _ in INSTRUCTIONS[:5]]
+
+    def judge_reply(body):  # the judge refuses five items' judgments (9 requests, more than FAILED_IN_A_ROW: one
+        # item's two answers are the same text, asked once): the cache lacks them
+        if INSTRUCTION.search(body["messages"][-1]["content"]).group(1) in refused:
             return 400
         return longer_wins(body)
 
     target, judge = servers(target_reply), servers(judge_reply)
     first = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
-    assert first["incomplete"] == 1 and first["judged"] == 7
+    assert first["incomplete"] == 5 and first["judged"] == 3
     target.close(), judge.close()
     capsys.readouterr()
     again = run(target, judge, files, tmp_path, monkeypatch, bootstrap=200)  # offline: a new table all the same
-    assert (again["judged"], again["incomplete"], again["failed_requests"]) == (7, 1, 2)
+    assert (again["judged"], again["incomplete"], again["failed_requests"]) == (3, 5, 9)
     assert again["overall"]["wins"] == first["overall"]["wins"] and again["requests_sent"]["target"] == 0
     err = capsys.readouterr().err
     assert f"warning: cannot reach {target.url}" in err and f"warning: cannot reach {judge.url}" in err
@@ -267,16 +270,22 @@ def test_a_rerun_from_the_cache_needs_no_server_and_fails_only_the_requests_it_l
 
 
 def test_a_judge_reply_without_a_verdict_is_asked_again_by_a_rerun(servers, files, tmp_path, monkeypatch):
-    decided = [False]
+    mode = ["undecided"]
 
     def judge_reply(body):
-        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"] and not decided[0]:
-            return "Both answers have merits; I cannot decide."
+        if "[Instruction]\nwhat is entropy\n" in body["messages"][-1]["content"]:
+            if mode[0] == "undecided":
+                return "Both answers have merits; I cannot decide."
+            if mode[0] == "down":
+                return 500
         return longer_wins(body)
 
     target, judge = servers(target_reply), servers(judge_reply)
     assert run(target, judge, files, tmp_path, monkeypatch)["unparsed"] == 1
-    decided[0], asked = True, len(judge.seen)
+    mode[0] = "down"  # asked again in vain: the reply it had stands (unparsed, not incomplete)
+    results = run(target, judge, files, tmp_path, monkeypatch, max_retries=0)
+    assert (results["unparsed"], results["incomplete"], results["failed_requests"]) == (1, 0, 0)
+    mode[0], asked = "decided", len(judge.seen)
     results = run(target, judge, files, tmp_path, monkeypatch)
     assert results["unparsed"] == 0 and results["judged"] == 8 and len(judge.seen) == asked + 2  # both orders
 
