@@ -65,7 +65,9 @@ def parse_args(argv=None) -> ExportConfig:
     p.add_argument("--shard-gb", type=cli.positive_float, default=d.shard_gb, help="largest safetensors shard, in GB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cfg = ExportConfig(**vars(p.parse_args(argv)))
-    if bool(cfg.head) == cfg.no_head:
+    if cfg.head and cfg.no_head:
+        raise UsageError("--head and --no-head: give one of them (--no-head exports stage 1 alone)")
+    if not cfg.head and not cfg.no_head:
         raise UsageError("give --head FILE to fold a target's head in, or --no-head to export stage 1 alone")
     return cfg
 

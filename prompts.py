@@ -177,9 +177,12 @@ def read_prompts(path, field="prompt") -> list[tuple[str, str]]:
     prompts = []
     for line, record in read_records(path):
         value = record.get(field)
-        if not isinstance(value, str) or not value.strip():
+        if field not in record:
             raise DataError(f"{path}:{line}: no prompt in field {field!r} (fields: {', '.join(record)}); "
                             "name the right one with --field")
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{path}:{line}: the prompt in field {field!r} is empty or not text; fill it in or "
+                            "remove the record")
         prompts.append((f"{path}:{line}", value))
     return prompts
 

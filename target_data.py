@@ -83,9 +83,10 @@ def parse_args(argv=None) -> TargetDataConfig:
     return TargetDataConfig(**vars(p.parse_args(argv)))
 
 
-def load_done(out: Path) -> set:
-    """Prompts already in the output. Every complete line is checked first; only then is a last line cut
-    short by a crash removed, so that a file of something else is refused untouched."""
+def load_done(out: Path, target: str) -> set:
+    """Prompts already in the output. Every complete line is checked first (a record of this script, for this
+    target); only then is a last line cut short by a crash removed, so that a file of something else is
+    refused untouched."""
     if not out.exists():
         return set()
     data = out.read_bytes()
@@ -97,9 +98,14 @@ def load_done(out: Path) -> set:
         raise TargetDataError(f"{out}: not a file of this script (not UTF-8); choose another --out") from None
     for n, line in enumerate(lines, 1):
         try:
-            done.add(json.loads(line)["prompt"])
+            record = json.loads(line)
+            done.add(record["prompt"])
+            made_for = record["target"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise TargetDataError(f"{out}:{n}: not a record of this script; choose another --out") from None
+        if made_for != target:
+            raise TargetDataError(f"{out}:{n}: improved by {made_for!r}, not --model {target!r}: one file per "
+                                  "target; choose another --out") from None
     if len(complete) != len(data):
         if not lines:  # nothing of ours in it: a file of something else, left as it is
             raise TargetDataError(f"{out}: not a file of this script; choose another --out")
@@ -118,14 +124,16 @@ def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
                                   "its pair), which is not text; fix or remove it")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
+    done = load_done(out, cfg.model)
     todo, seen = [], set(done)
     for source, prompt in prompts:
         if prompt not in seen:  # duplicates in the input are asked once
             todo.append((source, prompt))
             seen.add(prompt)
-    print(f"{len(prompts)} prompts: {len(prompts) - len(todo)} already in {out}, {len(todo)} to ask {cfg.model}",
-          file=sys.stderr)
+    distinct = {prompt for _, prompt in prompts}
+    repeated = f" ({len(prompts) - len(distinct)} repeated)" if len(distinct) < len(prompts) else ""
+    print(f"{len(prompts)} prompts{repeated}: {len(distinct & done)} already in {out}, {len(todo)} to ask "
+          f"{cfg.model}", file=sys.stderr)
     if todo:
         target.probe()  # one line if nothing is there, rather than every prompt retried for minutes
 

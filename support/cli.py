@@ -75,6 +75,15 @@ def fraction(text):
     return value
 
 
+class Once(argparse.Action):
+    """A flag that may be given once: a second is refused, not silently taking the first one's place."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; this command takes one (run it once for each)")
+        setattr(namespace, self.dest, values)
+
+
 def run(name: str, main, parse_args, argv=None, on_interrupt=""):
     """main(parse_args(argv)), with every UsageError as one line on stderr and exit status 2; on_interrupt:
     what to tell the user after Ctrl-C (how to go on)."""

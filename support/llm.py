@@ -41,6 +41,7 @@ from phi2.errors import UsageError
 MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this, so none can hang a run
 MAX_BACKOFF = 60.0  # seconds: the longest wait of our own between retries (2**20 of them would be 12 days)
 PROBE_TIMEOUT = 10.0  # seconds the probe waits for a connection
+MIN_SECRET = 8  # characters: a shorter key is no secret to redact (real ones are 32 or more)
 FAILED_IN_A_ROW = 8  # requests to one endpoint that fail for good with none answered between: the run stops
 _SURROGATE = re.compile("[\ud800-\udfff]")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2-prompter" / "llm.jsonl"
@@ -166,7 +167,7 @@ class LLM:
         if not self.key:
             raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
                            f"another one with {key_flag}; a server that needs no key takes any value, e.g. "
-                           f"{key_env}=none); it is not set")
+                           f"{key_env}=unused); it is not set")
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
         self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary
@@ -208,7 +209,9 @@ class LLM:
             # connected, but the answer was slow or not quite HTTP: the requests' retries deal with that
 
     def redact(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key else text
+        """text with the key replaced by ***; a key too short to be a secret (a local server's "unused") is
+        left, or every word that spells it would be damaged."""
+        return text.replace(self.key, "***") if len(self.key) >= MIN_SECRET else text
 
     def cached(self, messages: list[dict], **params) -> bool:
         """Whether chat(messages, **params) would be answered from the cache."""
@@ -273,6 +276,8 @@ class LLM:
             # reply models, which cost 6 ms of CPU a request against 3 (the GIL's ceiling on concurrency)
             reply = self.client.post("/chat/completions", body={"model": self.model, "messages": messages, **params},
                                      cast_to=object)
+        except json.JSONDecodeError:  # a JSON content type with a body that is not JSON (the client's json.loads)
+            raise _Retryable("the reply was not valid JSON") from None
         except openai.APIStatusError as e:
             status = e.status_code
             # the server's message without the client's "Error code: NNN - " (else the body it sent)

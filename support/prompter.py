@@ -19,6 +19,7 @@ from head_adapter import HeadAdapter, HeadError, load_head, stage1_id
 from phi2.generation import Completion, generate
 from phi2.weights import fingerprint, legacy_fingerprint
 from prompts import format_prompt
+from support import cli
 
 DEFAULT_BASE = "checkpoints/phi-2"
 
@@ -31,7 +32,7 @@ def add_args(p: argparse.ArgumentParser, heads: str | None = "many"):
         p.add_argument("--head", dest="heads", action="append", default=[],
                        help="a stage-2 head file, e.g. mistral.safetensors (repeatable: one per target)")
     elif heads == "one":
-        p.add_argument("--head", help="a stage-2 head file, e.g. mistral.safetensors")
+        p.add_argument("--head", action=cli.Once, help="a stage-2 head file, e.g. mistral.safetensors")
 
 
 def base_folder(model_dir, lora_dir) -> Path:

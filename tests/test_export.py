@@ -51,6 +51,13 @@ def test_transformers_on_the_export_gives_our_logits_and_tokens(prompter, tmp_pa
     assert generate(model, [prompt], 24, head=head)[0].ids == ref
 
 
+def test_a_second_head_is_refused_not_silently_taken(capsys):
+    """One checkpoint per target: two --head flags (copied from generate.py's command) are refused."""
+    with pytest.raises(SystemExit):
+        export.parse_args(["--lora", "l", "--out", "o", "--head", "a.safetensors", "--head", "b.safetensors"])
+    assert "--head given twice; this command takes one (run it once for each)" in capsys.readouterr().err
+
+
 def test_no_head_exports_stage_one_and_refusals(prompter, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(tmp_path / "s1")]))
@@ -63,6 +70,8 @@ def test_no_head_exports_stage_one_and_refusals(prompter, tmp_path):
         export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(out)]))
     with pytest.raises(export.UsageError, match="give --head FILE .* or --no-head"):
         export.parse_args(["--lora", str(prompter / "lora"), "--out", str(tmp_path / "y")])
+    with pytest.raises(export.UsageError, match="--head and --no-head: give one of them"):
+        export.parse_args(["--lora", str(prompter / "lora"), "--out", str(tmp_path / "y"), "--head", "a", "--no-head"])
     export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(out), "--overwrite"]))
     with pytest.raises(export.UsageError, match="did not write; --overwrite only replaces an earlier export"):
         export.main(export.parse_args(["--lora", str(prompter / "lora"), "--no-head", "--out", str(tmp_path),

@@ -61,6 +61,15 @@ def test_a_redirect_to_another_origin_is_refused_and_gets_no_key(servers, tmp_pa
     assert elsewhere.requests == [] and not (tmp_path / "out.jsonl").read_text()
 
 
+def test_a_key_too_short_to_be_a_secret_is_not_masked_in_answers(monkeypatch):
+    """A local server that needs no key gets any value, often a word: masking it would damage the answers."""
+    from support.llm import LLM
+    for key, masked in (("none", "Context: none given."), ("sk-0123456789abcdef", "key *** here")):
+        monkeypatch.setenv("SOME_KEY", key)
+        llm = LLM("http://127.0.0.1:9/v1", "m", "SOME_KEY")
+        assert llm.redact(masked.replace("***", key)) == masked
+
+
 def test_a_key_echoed_in_an_answer_never_reaches_the_output(tmp_path, monkeypatch):
     server = FakeLLM()
     # the fake improves prompts as "Improved: <prompt>": a prompt holding the key makes the server echo it
@@ -88,12 +97,15 @@ def test_retry_after_is_capped(servers, tmp_path, monkeypatch):
 
 
 def test_a_malformed_status_line_or_a_cut_body_is_retried(tmp_path, monkeypatch):
-    """A raw socket server: first a garbage status line, then a body shorter than its Content-Length, then
-    a good answer (after the start-up probe's 404). The run writes the pair, with no traceback."""
+    """A raw socket server: first a garbage status line, then a body shorter than its Content-Length, then a
+    JSON content type on a body that is not JSON, then a good answer (after the start-up probe's 404). The run
+    writes the pair, with no traceback."""
     body = json.dumps(REPLY).encode()
     answers = [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                b"garbage\r\n\r\n",
                b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + body[:10],
+               b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+               b'{"choices": [ {',
                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

@@ -89,6 +89,19 @@ def test_every_prompt_is_improved_once(server_factory, prompts_file, tmp_path, m
     assert all(r["improved"] == f"Improved: {r['prompt']}" and r["target"] == "target-1" for r in records)
 
 
+def test_an_output_of_another_target_is_refused_untouched(server_factory, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEY", KEY)
+    server = server_factory()
+    target_data.main(config(server, prompts_file, tmp_path / "out.jsonl"))
+    before = (tmp_path / "out.jsonl").read_bytes()
+    other = target_data.TargetDataConfig(**{**vars(config(server, prompts_file, tmp_path / "out.jsonl")),
+                                            "model": "target-2"})
+    with pytest.raises(target_data.TargetDataError, match=r"out.jsonl:1: improved by 'target-1', not --model "
+                                                          r"'target-2': one file per target"):
+        target_data.main(other)
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
 def test_concurrency_is_bounded(server_factory, prompts_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_KEY", KEY)
     server = server_factory(delay=0.1)
