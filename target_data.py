@@ -105,7 +105,7 @@ def load_done(out: Path, target: str) -> set:
             raise TargetDataError(f"{out}:{n}: not a record of this script; choose another --out") from None
         if made_for != target:
             raise TargetDataError(f"{out}:{n}: improved by {made_for!r}, not --model {target!r}: one file per "
-                                  "target; choose another --out") from None
+                                  "target; choose another --out")
     if len(complete) != len(data):
         if not lines:  # nothing of ours in it: a file of something else, left as it is
             raise TargetDataError(f"{out}: not a file of this script; choose another --out")

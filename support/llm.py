@@ -276,7 +276,7 @@ class LLM:
             # reply models, which cost 6 ms of CPU a request against 3 (the GIL's ceiling on concurrency)
             reply = self.client.post("/chat/completions", body={"model": self.model, "messages": messages, **params},
                                      cast_to=object)
-        except json.JSONDecodeError:  # a JSON content type with a body that is not JSON (the client's json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a JSON content type on a body that is not JSON text
             raise _Retryable("the reply was not valid JSON") from None
         except openai.APIStatusError as e:
             status = e.status_code
