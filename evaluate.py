@@ -40,7 +40,7 @@ from tqdm import tqdm
 from head_adapter import content_id, stage1_id
 from phi2.errors import UsageError
 from phi2.files import write_atomic
-from prompts import read_records, read_text, text_lines
+from prompts import read_prompts, read_records
 from support import cli, hardware
 from support.llm import (
     DEFAULT_CACHE,
@@ -211,11 +211,8 @@ def read_instructions(path, field=None) -> list[Item]:
     Dolly/self-instruct (instruction + context or input, joined by a blank line), records with --field,
     or a .txt file (one per line)."""
     path = Path(path)
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise EvalError(f"{path}: no such file")
-        lines = text_lines(read_text(path))
-        items = [Item(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    if path.suffix.lower() == ".txt":  # one per line, as target_data.py reads its prompts
+        items = [Item(source, line.strip()) for source, line in read_prompts(path)]
     else:
         items = [_item(where, record, field) for where, record in _records(path)]
     if not items:
@@ -342,11 +339,10 @@ def rewrites_file(cfg: EvalConfig, items: list[Item], out: Path) -> tuple[Path, 
     return path, done
 
 
-def prompter_rewrites(cfg: EvalConfig, items: list[Item], out: Path) -> dict[str, str]:
-    """Greedy rewrites by the prompter (the head for this target), appended to rewrites_file as they come, so
-    that a rerun makes only those missing. An instruction too long for the prompter's context gets none: the
-    original is used, and counted as an empty rewrite."""
-    path, done = rewrites_file(cfg, items, out)
+def prompter_rewrites(cfg: EvalConfig, items: list[Item], path: Path, done: dict[str, str]) -> dict[str, str]:
+    """Greedy rewrites by the prompter (the head for this target), appended to rewrites_file's path as they
+    come, after those it already holds (done), so that a rerun makes only those missing. An instruction too
+    long for the prompter's context gets none: the original is used, and counted as an empty rewrite."""
     todo = sorted({item.instruction for item in items} - set(done))
     if not todo:
         return done
@@ -461,7 +457,10 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     # a server that is not there is said before the prompter loads, not after minutes of retries; unless this
     # is a rerun: every rewrite made, and the target's answers to both prompts of every item in the cache. Then
     # the run goes on from the cache: a request it lacks fails, and the table is made of the rest
-    made = rewrites if rewrites is not None else rewrites_file(cfg, items, out)[1]
+    if rewrites is None:
+        rewrites_path, made = rewrites_file(cfg, items, out)
+    else:
+        made = rewrites
     rerun = all(item.instruction in made for item in items) and all(
         target.cached([{"role": "user", "content": prompt}], **answer_params(cfg))
         for item in items for prompt in (item.instruction, made[item.instruction].strip() or item.instruction))
@@ -481,7 +480,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
 
     # 1. the rewrites
     if rewrites is None:
-        rewrites = prompter_rewrites(cfg, items, out)
+        rewrites = prompter_rewrites(cfg, items, rewrites_path, made)
     empty = sum(1 for item in items if not rewrites[item.instruction].strip())
     optimised = {item.instruction: rewrites[item.instruction].strip() or item.instruction for item in items}
 
