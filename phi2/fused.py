@@ -5,12 +5,14 @@ was kept because it was measured to pay (docs/speed.md; bench/generation.py, ben
 - `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
   kernels behind F.linear are slow for a handful of rows.
 - `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
-  instead of n, which are most of F.dropout's cost on a CPU. On other devices it is F.dropout, whose fused
-  kernel needs no host synchronisation.
+  instead of n, which are most of F.dropout's cost on a CPU, and kept for backward as the dropped indices.
+  On other devices it is F.dropout, whose fused kernel needs no host synchronisation.
 - `linear_cross_entropy`: the LM head and the loss in one step, in row chunks, with the gradients made while
   each chunk's logits are at hand: no (N, 51200) fp32 tensor, and a low-rank head update that stays
   factorised.
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -65,34 +67,43 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
+GAPS_UP_TO = 0.125  # above this p, a bool mask is smaller than the dropped indices
+
+
 def dropout(x, p: float, training: bool = True):
-    """F.dropout with a cheaper random mask of exactly the same distribution.
+    """F.dropout with a cheaper random mask of exactly the same distribution, for the small p of LoRA.
 
     In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
     gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
-    are most of its cost (tests/test_model.py checks the statistics). A kept element is x * (1 / (1 - p)),
-    rounded once to x's dtype (in fp32 what F.dropout gives); a dropped one is +0.0, even where x is negative,
-    infinite or NaN.
+    are most of its cost (tests/test_model.py checks the statistics). Backward keeps only the dropped
+    indices, 8p bytes an element: less than a bool mask's one byte up to p = 1/8, beyond which this is
+    F.dropout. A kept element is x * (1 / (1 - p)), rounded once to x's dtype (in fp32 what F.dropout
+    gives); a dropped one is +0.0, even where x is negative, infinite or NaN.
     """
     if not training or p == 0.0:
         return x
-    if not x.is_cpu:  # the device's fused kernel: no mask in memory, no host synchronisation
+    if not x.is_cpu or p > GAPS_UP_TO:  # on a device, its fused kernel: no mask in memory, no host sync
         return F.dropout(x, p, training)
-    if p == 1.0:
-        return torch.zeros_like(x)
-    n = x.numel()
-    keep = torch.ones(n, dtype=torch.bool, device=x.device)
-    last = -1  # index of the last dropped element so far
+    drops = dropped_indices(x.numel(), p)
+    # scaled into a fresh tensor, then the drops zeroed in place: two vectorised passes (torch.where with a
+    # bool mask runs element by element), and the backward of index_fill_ needs the indices alone
+    return (x.reshape(-1) * (1.0 / (1.0 - p))).index_fill_(0, drops, 0.0).view(x.shape)
+
+
+def dropped_indices(n: int, p: float) -> torch.Tensor:
+    """The indices, ascending, of the dropped elements of n iid Bernoulli(p) trials, drawn as geometric gaps."""
+    log_q = math.log1p(-p)
+    chunks, last = [], -1  # last: the index of the last drop so far
     while last < n:
         expected = (n - last) * p  # draw enough gaps to pass the end, almost always at the first try
         k = int(expected + 6 * expected**0.5 + 16)
-        gaps = torch.empty(k, dtype=torch.float64, device=x.device).geometric_(p)  # trials to a drop, >= 1
-        drops = last + gaps.long().cumsum(0)
-        keep[drops[drops < n]] = False
+        # geometric(p) by inversion, trials to a drop: floor(log(v) / log(1 - p)) + 1 >= 1 for v = 1 - u,
+        # uniform in (0, 1]; in float64, whose sums of whole numbers are exact up to 2**53
+        gaps = torch.rand(k, dtype=torch.float64).neg_().log1p_().div_(log_q).floor_().add_(1)
+        drops = gaps.cumsum_(0).add_(last)
         last = int(drops[-1])
-    # where, not x * keep: a bool mask times x is cast to x's dtype, forward and backward; then in place: one
-    # temporary of x's size, not two
-    return torch.where(keep.view(x.shape), x, 0.0).mul_(1.0 / (1.0 - p))
+        chunks.append(drops[: int(torch.searchsorted(drops, n))])  # those before the end
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).long()
 
 
 class Dropout(nn.Dropout):

@@ -320,7 +320,7 @@ def test_dropout_is_an_unbiased_iid_mask():
     from phi2.fused import dropout
     torch.manual_seed(0)
     x = torch.ones(2_000_000)
-    for p in (0.05, 0.1, 0.5):
+    for p in (0.05, 0.1, 0.125, 0.5):  # by gaps up to 1/8, F.dropout above
         y = dropout(x, p)
         dropped = (y == 0).double()
         sd = (p * (1 - p) / x.numel()) ** 0.5
@@ -328,12 +328,30 @@ def test_dropout_is_an_unbiased_iid_mask():
         pairs = (dropped[:-1] * dropped[1:]).mean().item()  # neighbours are independent
         assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / x.numel()) ** 0.5, p
         assert torch.all((y == 0) | (y == 1 / (1 - p)))
+        gaps = torch.diff(dropped.nonzero().flatten())  # geometric(p): P(gap = k) = p (1 - p)^(k - 1)
+        for k in (1, 2, 3, 10, 30):
+            q = p * (1 - p) ** (k - 1)
+            share = (gaps == k).double().mean().item()
+            assert abs(share - q) < 5 * (q * (1 - q) / len(gaps)) ** 0.5, (p, k)
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
     assert not dropout(x, 1.0).any()
     z = torch.randn(3, 5, requires_grad=True)
     y = dropout(z, 0.5)
     y.sum().backward()
     assert torch.equal(z.grad, (y != 0).float() * 2.0)
+
+
+def test_dropped_indices_when_the_first_draw_falls_short(monkeypatch):
+    """The gaps drawn a few at a time give the same drops as in one draw: the loop carries on from the last."""
+    from phi2.fused import dropped_indices
+    torch.manual_seed(0)
+    whole = dropped_indices(1000, 0.1)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda k, **kwargs: rand(min(k, 3), **kwargs))
+    torch.manual_seed(0)
+    pieces = dropped_indices(1000, 0.1)
+    assert torch.equal(pieces, whole) and pieces.dtype == torch.int64
+    assert 60 < len(whole) < 140 and bool((torch.diff(whole) > 0).all()) and 0 <= whole[0] and whole[-1] < 1000
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
