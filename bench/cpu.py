@@ -1,7 +1,8 @@
 """CPU speed by precision, and by company: a training step and a decode in fp32 and bf16 for the tiny and the
 2-layer full-width shapes; then one process alone against two at once. Ratios from one run of this script.
 
-    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--policies ours,today,passive] [--rounds 3] [--against DIR]
+    python bench/cpu.py [--shapes tiny,phi-2-2layer] [--works train,decode] [--policies ours,today,passive]
+                        [--rounds 3] [--against DIR]
 
 Part 1, per shape: each precision's LoRA training step and greedy decode (8 prompts, 24 new tokens), and what
 `--precision auto` picks, with its time over the fastest explicit precision's (the goal: within 10%).
@@ -91,11 +92,14 @@ def decode_seconds(config, precision, new=24) -> float:
     return time.perf_counter() - t
 
 
+WORKS = {"train": train_seconds, "decode": decode_seconds}
+
+
 def worker(args):
     config = SHAPES[args.shape]
     if args.policy == "ours":  # the threads a command would take for this work
         hardware.cpu_threads(config, args.work)
-    work = {"train": train_seconds, "decode": decode_seconds}[args.work]
+    work = WORKS[args.work]
     print(json.dumps({"seconds": work(config, args.precision), "threads": torch.get_num_threads()}))
 
 
@@ -134,6 +138,7 @@ def company(shape, work, precision, policies, rounds, against) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="tiny,phi-2-2layer", help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--works", default="train,decode", help="comma-separated: " + ", ".join(WORKS))
     p.add_argument("--policies", default="ours,today", help="comma-separated: " + ", ".join(CHOOSABLE))
     p.add_argument("--rounds", type=int, default=3,
                    help="runs of each child for a shape narrower than 1024, the policies alternating")
@@ -144,8 +149,9 @@ def main():
     if args.worker:
         args.shape, args.precision, args.work, args.policy = args.worker
         return worker(args)
-    shapes, policies = (list(dict.fromkeys(x.split(","))) for x in (args.shapes, args.policies))
-    for name, known, given in (("--shapes", SHAPES, shapes), ("--policies", CHOOSABLE, policies)):
+    shapes, works, policies = (list(dict.fromkeys(x.split(","))) for x in (args.shapes, args.works, args.policies))
+    for name, known, given in (("--shapes", SHAPES, shapes), ("--works", WORKS, works),
+                               ("--policies", CHOOSABLE, policies)):
         if unknown := [x for x in given if x not in known]:
             p.error(f"{name}: no {', '.join(map(repr, unknown))}; use {', '.join(known)}"
                     + (" (`before` comes with --against DIR)" if "before" in unknown else ""))
@@ -164,7 +170,8 @@ def main():
     for shape in shapes:
         config = SHAPES[shape]
         auto = hardware.auto_precision(torch.device("cpu"), config)[0]
-        for work, run in (("train", train_seconds), ("decode", decode_seconds)):
+        for work in works:
+            run = WORKS[work]
             t = {precision: run(config, precision) for precision in ("fp32", "bf16")}
             ratio = t[auto] / min(t.values())
             print(f"{shape:14s} {work:7s} {t['fp32']:8.3f} {t['bf16']:8.3f}  {auto:5s}  {ratio:.2f}")
@@ -176,7 +183,7 @@ def main():
           + "".join(f" {'/ ' + r:>8s}" for r in references))
     for shape in shapes:
         rounds = args.rounds if SHAPES[shape].n_embd < 1024 else 1
-        for work in ("decode", "train"):
+        for work in works:
             for precision in ("fp32", "bf16"):
                 times = company(shape, work, precision, policies, rounds, args.against)
                 for policy, (alone, two) in times.items():
