@@ -1,9 +1,12 @@
 """The offline quickstart: the whole pipeline on the `tiny` preset and the bundled data, in a few minutes on a
 CPU (`bash quickstart.sh` installs the project and runs this).
 
-  0. base, for the demo only: a random-init tiny Phi-2 and a tokenizer trained on the bundled texts get a
-     minute of plain language-model training on the stage-1 pairs. It stands in for Phi-2's pretraining:
-     LoRA alone cannot teach a random model to write, because its frozen random head caps the logits.
+  0. base, for the demo only: a random-init tiny Phi-2 and a tokenizer trained on the bundled texts get
+     half a minute of plain language-model training on the prompts and rewrites of stage 1's training
+     pairs, as separate texts, without the template. It stands in for Phi-2's pretraining: LoRA alone
+     cannot teach a random model to write, because its frozen random head caps the logits. The template
+     is left for stage 1 to teach, and its validation pairs stay unseen: a base trained on them could
+     only score worse on them in stage 1.
   1. stage 1: train_sft.py, LoRA on data/prompt_pairs.jsonl.
   2. stage 2: train_head.py for two targets, `concise` and `structured` (data/targets/*.jsonl).
   3. held-out prompts (stage 2's validation split) rewritten with each head, side by side, and ROUGE-L
@@ -32,7 +35,7 @@ import generate
 import phi2
 import train_head
 import train_sft
-from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, format_prompt, read_pairs, split_pairs
+from prompts import DATA_DIR, DEFAULT_DATA, Example, collate, format_answer, read_pairs, split_pairs
 from support import cli, hardware
 from support.hardware import to_device
 
@@ -41,10 +44,12 @@ MARKER = ".quickstart"  # a folder holding this file is ours to replace
 
 
 def make_base(folder: Path, steps: int, hw: hardware.Hardware, seed: int = 0):
-    """Stage 0 (demo only): a tiny Phi-2 with a tokenizer of its own, trained briefly on the stage-1 pairs."""
-    pairs = read_pairs(DEFAULT_DATA)
+    """Stage 0 (demo only): a tiny Phi-2 with a tokenizer of its own, trained briefly on the prompts and rewrites
+    of stage 1's training pairs, as plain texts."""
+    defaults = train_sft.TrainConfig()
+    pairs = split_pairs(read_pairs(DEFAULT_DATA), defaults.val_fraction, defaults.seed)[0]
     styles = [p for s in STYLES for p in read_pairs(DATA_DIR / "targets" / f"{s}.jsonl")]
-    texts = [format_prompt(p.prompt) + format_answer(p.improved) for p in pairs]
+    texts = [t for p in pairs for t in (p.prompt.strip(), p.improved.strip())]  # plain text: no template
     config = phi2.PRESETS["tiny"]
     tokenizer = phi2.train_tokenizer(texts + [format_answer(p.improved) for p in styles], config.vocab_size)
     model = phi2.build_model(config, seed=seed).to(hw.device).train()
@@ -104,7 +109,7 @@ def run_cli(name, module, argv, quiet):
     return result
 
 
-def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=80, quiet=False, device="auto",
+def run(out: Path, base_steps=250, sft_epochs=6, head_epochs=10, max_new_tokens=80, quiet=False, device="auto",
         precision="auto") -> dict:
     """The whole pipeline into out; returns {(head, style): mean ROUGE-L on the held-out prompts}."""
     if out.exists():
@@ -119,7 +124,7 @@ def run(out: Path, base_steps=250, sft_epochs=3, head_epochs=10, max_new_tokens=
     print(hw.describe())
     on = ["--device", device, "--precision", precision]
 
-    print(f"\n== stage 0 (demo only): a random tiny Phi-2, trained {base_steps} steps on the bundled text")
+    print(f"\n== stage 0 (demo only): a random tiny Phi-2, trained {base_steps} steps on stage 1's training texts")
     loss = make_base(out / "base", base_steps, hw)
     print(f"   loss {loss:.2f}, written to {out / 'base'} ({time.perf_counter() - t0:.0f} s)")
 
