@@ -188,7 +188,7 @@ def main(cfg: HeadConfig) -> dict:
                                            f"`{run.resume_command()}`")
     if not val or not wrote_out:  # no validation: the last weights are the best we know
         run.on_main(save, run.out)
-    run.summary(log, run.folder / "last.safetensors")
+    run.summary(log, run.folder / "last.safetensors", start="the step-0 head, the base's own (the identity)")
     run.close()
     return {"step": step, "best_val_loss": log.best_val, "head": head, "model": model}
 

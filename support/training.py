@@ -369,8 +369,9 @@ class Run:
             write(*args)
         self.world.barrier()
 
-    def summary(self, log: "Log", last: Path):
-        """What the run did and where it put it, from rank 0."""
+    def summary(self, log: "Log", last: Path, start: str | None = None):
+        """What the run did and where it put it, from rank 0. start: what --out holds when validation never beat
+        step 0, for a trainer that writes it at step 0 (stage 2: the identity head); else the last weights."""
         if not self.world.is_main:
             return
         best, best_step, first = log.best_val, log.best_step, log.first_val
@@ -385,7 +386,7 @@ class Run:
             lines.append("no validation split (--val-fraction 0): the best artefact is the last weights")
         elif best_step == 0:
             lines.append(f"validation never improved on its first value ({first:.4f} at step 0): the best artefact "
-                         "holds the last weights; try a lower --lr, more data, or fewer epochs")
+                         f"is {start or 'the last weights'}; try a lower --lr, more data, or fewer epochs")
         else:
             lines.append(f"best validation loss {best:.4f} at step {best_step} (first {first:.4f})")
         lines += [f"best:  {self.out}", f"last:  {last}", f"log:   {self.folder / 'metrics.jsonl'} and "

@@ -91,6 +91,21 @@ def test_head_file_round_trip_and_metadata(stage1, tmp_path):
         torch.testing.assert_close(trained(h), result["head"].float()(h), atol=1e-5, rtol=0)
 
 
+def test_out_keeps_the_identity_head_when_validation_never_improves(stage1, tmp_path, monkeypatch, capsys):
+    """Stage 2 writes --out at step 0; a run that never beats it leaves the identity there, and says so."""
+    from safetensors.torch import load_file
+
+    from support import ddp
+    worse = iter(range(1, 100))
+    monkeypatch.setattr(ddp.World, "mean", lambda self, total, count, device: float(next(worse)))  # never better
+    train_head.main(head_config(stage1, tmp_path, max_steps=4))
+    assert "the best artefact is the step-0 head, the base's own (the identity)" in capsys.readouterr().err
+    out, last = (load_file(p) for p in (tmp_path / "concise.safetensors", tmp_path / "run" / "last.safetensors"))
+    weight = out["head_adapter.adapter.weight"]
+    assert torch.equal(weight, torch.eye(len(weight))) and not out["head_adapter.adapter.bias"].any()
+    assert not torch.equal(last["head_adapter.adapter.weight"], weight)
+
+
 def test_low_rank_head_file_is_small(stage1, tmp_path):
     train_head.main(head_config(stage1, tmp_path / "full", max_steps=2))
     train_head.main(head_config(stage1, tmp_path / "low", max_steps=2, head_rank=4,
