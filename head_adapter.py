@@ -1,4 +1,4 @@
-"""Stage 2: a head adapter per target LLM, one small file each, on a shared base.
+"""Stage 2: a head adapter per target LLM, one file each, on a shared base.
 
         h (final LayerNorm output, C) ── adapter: W_a h + b_a ── lm_head copy: W h' + b ──> logits (V)
                                           (C x C, identity at init)   (trainable, starts as the base head)
@@ -9,7 +9,7 @@ composes with the model from outside, `head(model.hidden_states(x))`, and goes t
 so one loaded model serves several targets. The file holds only the head's tensors and metadata: the
 target's name, the base's config and weight fingerprint, the stage-1 adapter it was trained on, the
 sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of
-the frozen base head, which is what makes a file small (README: "Head files"). Left out: per-target
+the frozen base head, which is what makes a file small (docs/training.md: "Head files"). Left out: per-target
 tokenizers or vocabularies.
 """
 

@@ -2,13 +2,14 @@
 https://arxiv.org/abs/2106.09685).
 
         x ──┬── W x + b ───────────────────────(+)──> y
-            └── dropout ── A (r x in) ── B (out x r) ── * alpha/r ──┘
+            └── dropout ── A (r x in) ── * alpha/r ── B (out x r) ──┘
 
 A starts kaiming-uniform and B at zero (as in peft), so at initialisation the model is unchanged. Adapters
 are saved in peft's own format (adapter_model.safetensors + adapter_config.json), so an adapter trained
 here loads in peft and the reverse; a fingerprint of the base's weights travels in the file's metadata,
 and an adapter is refused by a base it was not trained on. Left out on purpose: DoRA and other variants,
-per-layer rank or alpha patterns, bias training, LoRA on embeddings or the LM head.
+per-layer rank or alpha patterns, bias training, stage-1 LoRA on embeddings or the LM head (stage 2's
+low-rank head, head_adapter.py, wraps the LM head in this class).
 """
 
 import json

@@ -1,5 +1,6 @@
 """Kernels that exist for speed, apart from the architecture in model.py. Each gives the same numbers as
-the plain PyTorch it replaces, up to the order of its sums (tests/test_model.py checks each against it), and
+the plain PyTorch it replaces, up to the order of its sums (dropout: the same distribution from other random
+draws; tests/test_model.py checks each against it), and
 was kept because it was measured to pay (docs/speed.md; bench/generation.py, bench/train_step.py):
 
 - `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
@@ -8,7 +9,8 @@ was kept because it was measured to pay (docs/speed.md; bench/generation.py, ben
   instead of n, which are most of F.dropout's cost on a CPU, and kept for backward as the dropped indices.
   On other devices it is F.dropout, whose fused kernel needs no host synchronisation.
 - `linear_cross_entropy`: the LM head and the loss in one step, in row chunks, with the gradients made while
-  each chunk's logits are at hand: no (N, 51200) fp32 tensor, and a low-rank head update that stays
+  each chunk's logits are at hand: one chunk of logits at a time unless the head's own weight trains (its
+  weight gradient needs all N rows), no (N, 51200) fp32 softmax, and a low-rank head update that stays
   factorised.
 """
 
@@ -114,7 +116,7 @@ class Dropout(nn.Dropout):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T + b + s (h_i A^T) B^T, t_i) for h (N, C), without keeping the (N, V) logits.
+    """sum_i CE(h_i W^T + b + s (h_i A^T) B^T, t_i) for h (N, C), one chunk of (N, V) logits at a time.
 
     The gradient of the loss with respect to the logits is softmax - onehot, so each chunk of rows gets
     its gradients for h, W and b right in the forward pass, while its logits are at hand (the idea of
@@ -123,7 +125,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     Each chunk reads the whole weight, so a chunk has at least C/4 rows: Phi-2's 2560-wide head (262 MB in
     bf16) does not stay in cache, reading it is what costs, and 640-row chunks take a third less time than
     81-row ones. The fp32 softmax then goes through the chunk's logits a few rows at a time, so that its
-    temporaries stay in cache, and writes the gradient over the logits: no (n, V) fp32 tensor is ever made.
+    temporaries stay in cache, and writes the gradient over the logits: it makes no (n, V) fp32 tensor of its
+    own. Only when W itself trains (stage 2's full head copy) are all N rows kept, in `dtype`, for the dW GEMM.
     The optional rank-r update s B A of the weight (a low-rank head, head_adapter.py) stays factorised:
     its terms cost N V r multiplies where the (V, C) product B A would cost V C r and a dW GEMM N V C.
     """

@@ -1,8 +1,9 @@
 """The prompter as every command loads it: the base with the stage-1 LoRA merged in, its tokenizer, and a head
 per target LLM, checked against the base and the adapter they were trained on.
 
-    prompter = Prompter.load(model_dir=None, lora_dir="runs/sft/best", heads=["mistral.safetensors"], hw=hw)
-    prompter.rewrite(["write a poem about rain"], target="mistral")[0].text
+    prompter = Prompter.load(lora_dir="runs/sft/best", heads=["mistral.safetensors"], dtype=torch.bfloat16,
+                             device="cuda")
+    prompter.rewrite(["write a poem about rain"], target="mistral")[0]  # the rewrite, a str
 
 generate.py, serve.py, export.py, evaluate.py and train_head.py load it this way, and `add_args` gives each the
 same --model/--lora/--head flags.

@@ -556,7 +556,7 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
 class Log:
     """metrics.jsonl, curves.svg, the progress bar and the reporters users watch (--report-to), on rank 0.
 
-    add() keeps each optimizer step's loss and gradient norm on the device; flush() waits for the device
+    add() keeps each optimizer step's loss and gradient norm on the device; check() waits for the device
     once for all of them, stops the run if one is not finite, and writes them: every --log-interval steps,
     and before each validation and checkpoint, so that a checkpoint never holds a diverged step."""
 
