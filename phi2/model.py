@@ -236,7 +236,11 @@ class Phi2(nn.Module):
         where labels are -100 (ignored) on positions without a target.
 
         The LM head runs only where there is a target: with the prompt masked, that skips most rows of
-        the (N, 51200) logits, the largest activation of a training step.
+        the (N, 51200) logits, the largest activation of a training step. The same value, written plainly
+        (tests/test_model.py checks the two against each other):
+
+            logits = self(idx)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+            F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
         """
         h, targets = answer_rows(self.hidden_states(idx[:, :-1]), labels)  # position t predicts token t+1
         return linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets), len(targets)
