@@ -6,7 +6,8 @@ was kept because it was measured to pay (docs/speed.md; bench/generation.py, ben
 - `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
   kernels behind F.linear are slow for a handful of rows.
 - `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
-  instead of n, which are most of F.dropout's cost on a CPU, and kept for backward as the dropped indices.
+  instead of n, which are most of F.dropout's cost on a CPU, and kept for backward as the dropped indices
+  where they are smaller than a bool mask.
   On other devices it is F.dropout, whose fused kernel needs no host synchronisation.
 - `linear_cross_entropy`: the LM head and the loss in one step, in row chunks, with the gradients made while
   each chunk's logits are at hand: one chunk of logits at a time unless the head's own weight trains (its
@@ -69,27 +70,38 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-GAPS_UP_TO = 0.125  # above this p, a bool mask is smaller than the dropped indices
+INDICES_UP_TO = 0.125  # up to this p, the dropped indices (8p bytes an element) are smaller than a bool mask
 
 
 def dropout(x, p: float, training: bool = True):
-    """F.dropout with a cheaper random mask of exactly the same distribution, for the small p of LoRA.
+    """F.dropout with a cheaper random mask of exactly the same distribution.
 
     In an iid Bernoulli(p) sequence the gaps between dropped elements are geometric(p), so drawing the
     gaps takes about p*n random numbers where F.dropout draws n, one per element; on CPUs those draws
-    are most of its cost (tests/test_model.py checks the statistics). Backward keeps only the dropped
-    indices, 8p bytes an element: less than a bool mask's one byte up to p = 1/8, beyond which this is
-    F.dropout. A kept element is x * (1 / (1 - p)), rounded once to x's dtype (in fp32 what F.dropout
-    gives); a dropped one is +0.0, even where x is negative, infinite or NaN.
+    are most of its cost (tests/test_model.py checks the statistics). Backward keeps what is smaller: the
+    dropped indices (8p bytes an element) up to p = 1/8, above it a bool mask (one byte). A kept element
+    is x * (1 / (1 - p)), rounded once to x's dtype (in fp32 what F.dropout gives); a dropped one is +0.0,
+    even where x is negative, infinite or NaN.
     """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability {p}: use a number in [0, 1]")
     if not training or p == 0.0:
         return x
-    if not x.is_cpu or p > GAPS_UP_TO:  # on a device, its fused kernel: no mask in memory, no host sync
+    if not x.is_cpu:  # the device's fused kernel: no mask in memory, no host synchronisation
         return F.dropout(x, p, training)
-    drops = dropped_indices(x.numel(), p)
-    # scaled into a fresh tensor, then the drops zeroed in place: two vectorised passes (torch.where with a
-    # bool mask runs element by element), and the backward of index_fill_ needs the indices alone
-    return (x.reshape(-1) * (1.0 / (1.0 - p))).index_fill_(0, drops, 0.0).view(x.shape)
+    if p == 1.0:
+        return torch.zeros_like(x)
+    n, scale = x.numel(), 1.0 / (1.0 - p)
+    drops = dropped_indices(n, p)
+    if p <= INDICES_UP_TO:
+        # scaled into a fresh tensor, then the drops zeroed: two vectorised passes (torch.where with a bool
+        # mask runs element by element), and the backward of index_fill_ needs the indices alone
+        return (x.reshape(-1) * scale).index_fill_(0, drops, 0.0).view(x.shape)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[drops] = False
+    # where, not x * keep: a bool mask times x is cast to x's dtype, forward and backward; then in place: one
+    # temporary of x's size, not two
+    return torch.where(keep.view(x.shape), x, 0.0).mul_(scale)
 
 
 def dropped_indices(n: int, p: float) -> torch.Tensor:

@@ -320,7 +320,7 @@ def test_dropout_is_an_unbiased_iid_mask():
     from phi2.fused import dropout
     torch.manual_seed(0)
     x = torch.ones(2_000_000)
-    for p in (0.05, 0.1, 0.125, 0.5):  # by gaps up to 1/8, F.dropout above
+    for p in (0.05, 0.1, 0.125, 0.5):  # dropped indices kept up to 1/8, a bool mask above
         y = dropout(x, p)
         dropped = (y == 0).double()
         sd = (p * (1 - p) / x.numel()) ** 0.5
@@ -335,10 +335,13 @@ def test_dropout_is_an_unbiased_iid_mask():
             assert abs(share - q) < 5 * (q * (1 - q) / len(gaps)) ** 0.5, (p, k)
     assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
     assert not dropout(x, 1.0).any()
-    z = torch.randn(3, 5, requires_grad=True)
-    y = dropout(z, 0.5)
-    y.sum().backward()
-    assert torch.equal(z.grad, (y != 0).float() * 2.0)
+    for p in (0.1, 0.5):  # both kinds of mask, on a transposed input
+        z = torch.randn(30, 50).t().requires_grad_()
+        y = dropout(z, p)
+        y.sum().backward()
+        assert torch.equal(z.grad, (y != 0).float() * (1 / (1 - p)))
+    with pytest.raises(ValueError, match="dropout probability -0.1"):
+        dropout(x, -0.1)
 
 
 def test_dropped_indices_when_the_first_draw_falls_short(monkeypatch):
@@ -362,15 +365,17 @@ def test_dropout_scales_kept_elements_once(dtype):
     torch.manual_seed(0)
     x = (torch.randn(4, 95, 128) * 3).to(dtype)
     x = torch.where(x == 0, 1.0, x).requires_grad_()  # no exact zeros: a kept element is then never 0
-    y = dropout(x, 0.05)
-    kept = y != 0
-    assert 0.9 < kept.float().mean() < 0.99
-    scaled = x.detach() * (1 / 0.95)
-    assert y.dtype == dtype and torch.equal(y[kept], scaled[kept]) and not y[~kept].any()
-    g = torch.randn_like(y)
-    y.backward(g)
-    assert torch.equal(x.grad[kept], (g * (1 / 0.95))[kept]) and not x.grad[~kept].any()
-    if dtype == torch.float32:
-        reference = F.dropout(x.detach(), 0.05)
-        both = kept & (reference != 0)
-        assert torch.equal(y[both], reference[both])
+    for p in (0.05, 0.3):  # dropped indices kept, a bool mask kept
+        y = dropout(x, p)
+        kept = y != 0
+        assert 1 - 2 * p < kept.float().mean() < 1 - p / 2
+        scaled = x.detach() * (1 / (1 - p))
+        assert y.dtype == dtype and torch.equal(y[kept], scaled[kept]) and not y[~kept].any()
+        g = torch.randn_like(y)
+        x.grad = None
+        y.backward(g)
+        assert torch.equal(x.grad[kept], (g * (1 / (1 - p)))[kept]) and not x.grad[~kept].any()
+        if dtype == torch.float32:
+            reference = F.dropout(x.detach(), p)
+            both = kept & (reference != 0)
+            assert torch.equal(y[both], reference[both])
