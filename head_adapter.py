@@ -63,11 +63,11 @@ class HeadAdapter(nn.Module):
     def forward(self, h):
         return self.lm_head(self.adapter(h))  # (..., V)
 
-    def loss(self, h, targets):
-        """Summed cross-entropy of this head's logits for h (N, C) against targets (N,)."""
+    def loss(self, h, next_ids):
+        """Summed cross-entropy of this head's logits for h (N, C) against next_ids (N,)."""
         head = self.lm_head
         low_rank = None if self.head_rank is None else (head.lora_A, head.lora_B, head.scaling)
-        return linear_cross_entropy(self.adapter(h), head.weight, head.bias, targets, low_rank)
+        return linear_cross_entropy(self.adapter(h), head.weight, head.bias, next_ids, low_rank)
 
     def trained_tensors(self) -> dict:
         """The tensors a head file stores: the adapter, and the head copy or its low-rank update."""

@@ -85,7 +85,7 @@ def main(cfg: HeadConfig) -> dict:
     def save(path):
         save_head(head, path, cfg.target, model, prompter.base_fingerprint, prompter.stage1)
 
-    # The frozen body's outputs at answer positions, per example: (h (n_i, C), targets (n_i,)), on the
+    # The frozen body's outputs at answer positions, per example: (h (n_i, C), next_ids (n_i,)), on the
     # device, each process caching those it is given. An example's are always computed in the same batch
     # (its first-epoch micro-batch; for validation, its validation batch), so that they are the same bits
     # whenever and wherever they are computed: after --resume, or in another process.
@@ -96,7 +96,7 @@ def main(cfg: HeadConfig) -> dict:
     cache = {"train": {}, "val": {}}
 
     def features(split_name, examples, idx):
-        """Hidden states and targets of the answer positions of examples[idx], concatenated."""
+        """Hidden states and next-token ids of the answer positions of examples[idx], concatenated."""
         if cfg.no_cache:
             return _cat(body(examples, idx).values())
         store = cache[split_name]
@@ -109,11 +109,11 @@ def main(cfg: HeadConfig) -> dict:
         ids, labels = collate([examples[i] for i in idx], tokenizer.pad_id)
         with torch.no_grad(), hw.autocast():
             h = model.hidden_states(to_device(ids[:, :-1], hw.device))  # (B, T-1, C)
-        rows, targets = answer_rows(h, labels)
+        rows, next_ids = answer_rows(h, labels)
         # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
         rows = rows.to(hw.dtype)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
-        return dict(zip(idx, zip(rows.split(counts), targets.split(counts))))
+        return dict(zip(idx, zip(rows.split(counts), next_ids.split(counts))))
 
     def evaluate() -> float:
         """Mean validation loss per answer token, over every process's share of the validation batches."""

@@ -144,7 +144,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, dtype, lora_A=None, lora_B=None, scaling=1.0):
+    def forward(ctx, h, weight, bias, next_ids, dtype, lora_A=None, lora_B=None, scaling=1.0):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         low_rank = lora_A is not None
         need_ab = low_rank and any(ctx.needs_input_grad[5:7])
@@ -165,7 +165,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            hc, t = h[rows].to(dtype), targets[rows]
+            hc, t = h[rows].to(dtype), next_ids[rows]
             logits = logits_all[rows] if need_w else logits_all[: len(t)]  # (n, V)
             torch.addmm(b, hc, W.t(), out=logits)
             if low_rank:
@@ -204,14 +204,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None, ga, gB, None
 
 
-def softmax_cross_entropy_(logits, targets, grad: bool, grad_bias=None):
-    """sum_i -log softmax(logits_i)[t_i] in fp32 for logits (n, V) and targets (n,). With grad, logits is
+def softmax_cross_entropy_(logits, next_ids, grad: bool, grad_bias=None):
+    """sum_i -log softmax(logits_i)[t_i] in fp32 for logits (n, V) and next_ids (n,). With grad, logits is
     overwritten with the loss's gradient softmax - onehot, whose column sums are added to grad_bias if given.
     A few rows at a time: 2 MB of fp32 stays in cache through the softmax's passes."""
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     step = max(1, 2**19 // logits.size(1))  # rows
     for i in range(0, logits.size(0), step):
-        z, t = logits[i:i + step], targets[i:i + step]
+        z, t = logits[i:i + step], next_ids[i:i + step]
         logp = z.float().log_softmax(dim=-1)  # (k, V)
         total -= logp.gather(1, t[:, None]).sum()
         if grad:
@@ -223,11 +223,11 @@ def softmax_cross_entropy_(logits, targets, grad: bool, grad_bias=None):
     return total
 
 
-def linear_cross_entropy(h, weight, bias, targets, low_rank=None):
-    """Summed cross-entropy of the logits h @ weight.T + bias (N, V) against targets (N,).
+def linear_cross_entropy(h, weight, bias, next_ids, low_rank=None):
+    """Summed cross-entropy of the logits h @ weight.T + bias (N, V) against next_ids (N,).
     low_rank: optional (A (r, C), B (V, r), s), adding s * (h @ A.T) @ B.T to the logits."""
     dtype = autocast_dtype(h) or weight.dtype
-    inputs = (h, weight, bias, targets, *(low_rank or ()))
+    inputs = (h, weight, bias, next_ids, *(low_rank or ()))
     if not torch.is_grad_enabled():  # validation: needs_input_grad ignores no_grad, so no gradient work
         inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
     return LinearCrossEntropy.apply(*inputs[:4], dtype, *inputs[4:])

@@ -242,16 +242,16 @@ class Phi2(nn.Module):
             logits = self(idx)[:, :-1]  # (B, T-1, V): position t predicts token t+1
             F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
         """
-        h, targets = answer_rows(self.hidden_states(idx[:, :-1]), labels)  # position t predicts token t+1
-        return linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets), len(targets)
+        h, next_ids = answer_rows(self.hidden_states(idx[:, :-1]), labels)  # position t predicts token t+1
+        return linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, next_ids), len(next_ids)
 
 
 def answer_rows(h, labels):
-    """The hidden states (N, C) of the positions that have a target, and the targets (N,), for h (B, T-1, C)
-    and labels (B, T). Labels of -100 (cross_entropy's ignore_index) have none; dropping them before the
-    head rather than after it skips their logits. Labels may stay on the CPU, where the rows are found
+    """The hidden states (N, C) of the positions that have a label, and the ids they predict (N,), for
+    h (B, T-1, C) and labels (B, T). Labels of -100 (cross_entropy's ignore_index) mark none; dropping those
+    rows before the head rather than after it skips their logits. Labels may stay on the CPU, where the rows are found
     without waiting for the device to finish the forward pass."""
-    targets = labels[:, 1:].reshape(-1)  # (B * (T-1),)
-    rows = (targets != -100).nonzero().squeeze(1)  # (N,)
+    next_ids = labels[:, 1:].reshape(-1)  # (B * (T-1),)
+    rows = (next_ids != -100).nonzero().squeeze(1)  # (N,)
     picked = h.reshape(-1, h.size(-1)).index_select(0, rows.to(h.device, non_blocking=True))  # (N, C)
-    return picked, targets[rows].to(h.device, non_blocking=True)
+    return picked, next_ids[rows].to(h.device, non_blocking=True)

@@ -235,11 +235,11 @@ class Plan:
         process none: it then takes one example with a weight of 0, to join the all-reduce every process
         must join."""
         all_micro = self.micro_batches(step)
-        targets = sum(self.answer_tokens[i] for idx in all_micro for i in idx)
+        total = sum(self.answer_tokens[i] for idx in all_micro for i in idx)
         mine = all_micro[world.rank::world.size]
         if not mine:
             return [all_micro[0][:1]], 0.0
-        return mine, world.size / targets
+        return mine, world.size / total
 
     def record(self, step: int) -> dict:
         """What the log says of a step's data: epoch, learning rate, tokens and answer tokens."""
