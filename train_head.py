@@ -3,10 +3,11 @@
 
 The base and the stage-1 adapter (merged) are loaded, frozen and kept in eval mode; only the head adapter
 trains, on the target LLM's pairs, with stage 1's template and label masking, in a loop like stage 1's.
-The frozen body's final hidden states never change, so the first epoch computes them once, for the answer
-positions only, and on the device; later
-epochs train the head on them alone (--no-cache recomputes them each time; tests/test_head_adapter.py
-shows both give the same head). --out is the best head by validation loss; --run-dir holds the run.
+The method is `loss = CE(head(model.hidden_states(ids))[answer positions], next ids)`. The frozen body's final
+hidden states never change, so the first epoch computes them once, for the answer positions only, and on the
+device; later epochs train the head on them alone (--no-cache recomputes them each time;
+tests/test_head_adapter.py shows both give the same head). --out is the best head by validation loss;
+--run-dir holds the run.
 """
 
 import support.threads  # noqa: F401  (first: OpenMP reads its settings when torch loads)
@@ -110,7 +111,8 @@ def main(cfg: HeadConfig) -> dict:
         with torch.no_grad(), hw.autocast():
             h = model.hidden_states(to_device(ids[:, :-1], hw.device))  # (B, T-1, C)
         rows, next_ids = answer_rows(h, labels)
-        # what the head's first matmul reads: under autocast it casts to bf16, so storing that is exact
+        # what the head's first matmul reads: autocast casts it to hw.dtype (bf16 or fp16), so storing that is
+        # exact; in fp32 nothing is cast
         rows = rows.to(hw.dtype)
         counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()  # on the CPU: no sync
         return dict(zip(idx, zip(rows.split(counts), next_ids.split(counts))))
@@ -150,9 +152,11 @@ def main(cfg: HeadConfig) -> dict:
             step_loss = 0.0
             for i, idx in enumerate(micro_batches):
                 loss_fn.require_backward_grad_sync = i == len(micro_batches) - 1  # DDP all-reduces in the last only
-                h, t = features("train", train, idx)
+                h, t = features("train", train, idx)  # the frozen body's answer rows (N, C), their next ids (N,)
                 with hw.autocast():
-                    loss = loss_fn(h, t) * scale  # summed; its share of the step's mean over every answer token
+                    # head.loss: CE(lm_head(adapter(h)), t) summed; times scale, its share of the step's mean over
+                    # every answer token
+                    loss = loss_fn(h, t) * scale
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss = step_loss + loss.detach() / world.size
             if scaler:
