@@ -28,7 +28,7 @@ import lora
 from lora import LoRALinear
 from phi2.errors import UsageError
 from phi2.files import atomic_path
-from phi2.fused import Linear, linear_cross_entropy
+from phi2.fused import FastLinear, linear_cross_entropy
 from phi2.model import Phi2
 from phi2.weights import DTYPES, open_checked
 
@@ -45,13 +45,13 @@ class HeadAdapter(nn.Module):
         super().__init__()
         C, V = lm_head.in_features, lm_head.out_features
         device = lm_head.weight.device
-        self.adapter = Linear(C, C, device=device, dtype=dtype)
+        self.adapter = FastLinear(C, C, device=device, dtype=dtype)
         with torch.no_grad():
             self.adapter.weight.copy_(torch.eye(C, device=device))
             self.adapter.bias.zero_()
         self.head_rank = head_rank
         if head_rank is None:  # the papers' choice: a full trainable copy of the LM head
-            self.lm_head = Linear(C, V, device=device, dtype=dtype)
+            self.lm_head = FastLinear(C, V, device=device, dtype=dtype)
             with torch.no_grad():
                 self.lm_head.weight.copy_(lm_head.weight)
                 self.lm_head.bias.copy_(lm_head.bias)

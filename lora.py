@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from phi2.config import read_json
 from phi2.errors import UsageError
 from phi2.files import atomic_path, write_atomic
-from phi2.fused import Dropout, Linear, autocast_dtype
+from phi2.fused import FastDropout, FastLinear, autocast_dtype
 from phi2.model import Phi2
 from phi2.weights import check_finite, fingerprint, legacy_fingerprint, open_checked
 
@@ -36,7 +36,7 @@ class AdapterError(UsageError):
     """An adapter file that does not fit this base model; the message names the file and the reason."""
 
 
-class LoRALinear(Linear):
+class LoRALinear(FastLinear):
     """A Linear whose weight and bias are frozen and shared with the layer it replaces, plus A and B."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -50,7 +50,7 @@ class LoRALinear(Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init (nn.Linear's default)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        self.lora_dropout = Dropout(dropout)
+        self.lora_dropout = FastDropout(dropout)
         self.merged = False
 
     def forward(self, x):

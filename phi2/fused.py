@@ -3,7 +3,7 @@ the plain PyTorch it replaces, up to the order of its sums (dropout: the same di
 draws; tests/test_model.py checks each against it), and
 was kept because it was measured to pay (docs/speed.md; bench/generation.py, bench/train_step.py):
 
-- `Linear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
+- `FastLinear`: nn.Linear with faster paths for the few rows of batched decoding on the CPU, where the BLAS
   kernels behind F.linear are slow for a handful of rows.
 - `dropout`: the same Bernoulli mask drawn through the gaps between dropped elements, p*n random numbers
   instead of n, which are most of F.dropout's cost on a CPU, and kept for backward as the dropped indices
@@ -35,7 +35,7 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-class Linear(nn.Linear):
+class FastLinear(nn.Linear):
     """nn.Linear, plus fast paths for the few rows of batched decoding on the CPU.
 
     The CPU matmuls behind F.linear (x @ W.T) are slow when x has only a few rows: oneDNN's for bf16/fp16
@@ -120,7 +120,7 @@ def dropped_indices(n: int, p: float) -> torch.Tensor:
     return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).long()
 
 
-class Dropout(nn.Dropout):
+class FastDropout(nn.Dropout):
     """nn.Dropout through `dropout` above."""
 
     def forward(self, x):

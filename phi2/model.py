@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import Phi2Config
-from .fused import Dropout, Linear, autocast_dtype, linear_cross_entropy
+from .fused import FastDropout, FastLinear, autocast_dtype, linear_cross_entropy
 
 
 class KVCache:
@@ -90,10 +90,10 @@ class Attention(nn.Module):
         super().__init__()
         C, D = config.n_embd, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim, self.layer = config.n_head, config.n_kv_head, D, layer
-        self.q_proj = Linear(C, config.n_head * D)
-        self.k_proj = Linear(C, config.n_kv_head * D)
-        self.v_proj = Linear(C, config.n_kv_head * D)
-        self.dense = Linear(config.n_head * D, C)
+        self.q_proj = FastLinear(C, config.n_head * D)
+        self.k_proj = FastLinear(C, config.n_kv_head * D)
+        self.v_proj = FastLinear(C, config.n_kv_head * D)
+        self.dense = FastLinear(config.n_head * D, C)
         self.attn_pdrop = config.attn_pdrop
 
     def forward(self, x, cos, sin, caches=None):
@@ -121,8 +121,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Phi2Config):
         super().__init__()
-        self.fc1 = Linear(config.n_embd, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.n_embd)
+        self.fc1 = FastLinear(config.n_embd, config.intermediate_size)
+        self.fc2 = FastLinear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
         # Phi-2's "gelu_new" is gelu with the tanh approximation
@@ -142,7 +142,7 @@ class Block(nn.Module):
         self.input_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
-        self.resid_dropout = Dropout(config.resid_pdrop)
+        self.resid_dropout = FastDropout(config.resid_pdrop)
 
     def forward(self, x, cos, sin, caches=None):
         h = self.input_layernorm(x)  # fp32 under autocast, which keeps layer_norm in fp32
@@ -158,10 +158,10 @@ class Phi2(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.embed_dropout = Dropout(config.embd_pdrop)
+        self.embed_dropout = FastDropout(config.embd_pdrop)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_layernorm = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = Linear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
+        self.lm_head = FastLinear(config.n_embd, config.vocab_size)  # not tied to embed_tokens
         self.gradient_checkpointing = False
         R = config.rotary_dim
         self.register_buffer("rope_cos", torch.empty(config.block_size, R), persistent=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import phi2
-from phi2.fused import ONEDNN_FP32, Linear
+from phi2.fused import ONEDNN_FP32, FastLinear
 from phi2.generation import generate, invariant_rows
 from serving.engine import Engine, Request
 from support import hardware
@@ -101,7 +101,7 @@ def test_the_engine_gives_every_request_its_solo_ids_as_rows_join_and_leave(name
 def test_row_counts_are_measured_per_layer_shape(shape):
     """invariant_rows names, for a Linear, the row counts at which each row comes out as at 64 rows; a count it
     returns does so, on this machine, for another input as well."""
-    layer = Linear(*shape)
+    layer = FastLinear(*shape)
     counts = invariant_rows(layer, shape[0])
     assert 64 in counts
     x = torch.randn(64, shape[0])

@@ -230,7 +230,7 @@ def test_linear_cross_entropy_does_no_gradient_work_under_no_grad():
 @pytest.mark.parametrize("dtype, rows", [(torch.float32, r) for r in (1, 2, 8, 64, 256, 257)]
                          + [(torch.bfloat16, r) for r in (1, 2, 8, 9)])
 def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
-    from phi2.fused import Linear
+    from phi2.fused import FastLinear
 
     class WeightLeft(TorchDispatchMode):  # whether a matmul took the weight as its left operand, W @ x.T
         seen = False
@@ -242,7 +242,7 @@ def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
 
     torch.manual_seed(rows)
     for out_features, in_features in ((1024, 1024), (64, 32)):  # a weight large enough for fp32's path; a small one
-        layer = Linear(in_features, out_features).to(dtype)
+        layer = FastLinear(in_features, out_features).to(dtype)
         x = torch.randn(1, rows, in_features, dtype=dtype, requires_grad=True)
         with WeightLeft() as mode:
             y = layer(x)
@@ -268,10 +268,10 @@ def test_linear_few_row_paths_match_f_linear_values_and_gradients(dtype, rows):
 def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_matches_f_linear(rows):
     """Decoding's fp32 path (no gradients, no autocast, a weight of a million elements or more, an x86 CPU):
     oneDNN's inner product, with F.linear's values; with gradients or under autocast it is not taken."""
-    from phi2.fused import ONEDNN_FP32, Linear
+    from phi2.fused import ONEDNN_FP32, FastLinear
 
     torch.manual_seed(rows)
-    layer = Linear(1024, 1536)
+    layer = FastLinear(1024, 1536)
     x = torch.randn(1024, rows).t()[None]  # (1, rows, 1024), not contiguous: as a decode step's rows may come
     for grad, autocast, expected in ((False, False, ONEDNN_FP32), (True, False, False), (False, True, False)):
         with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast), Ops() as ops:
@@ -286,7 +286,7 @@ def test_linear_without_gradients_takes_onednn_for_a_large_fp32_weight_and_match
 def test_compiled_linear_does_not_take_onednn():
     """inductor lowers oneDNN's fp32 linear only for weights frozen into the graph; torch.compile'd decoding
     (generate.py --compile) must keep the plain matmul. The graph dynamo hands its backend is read here."""
-    from phi2.fused import Linear
+    from phi2.fused import FastLinear
 
     targets = []
 
@@ -295,7 +295,7 @@ def test_compiled_linear_does_not_take_onednn():
         return gm.forward
 
     torch._dynamo.reset()
-    layer = Linear(1024, 1536)
+    layer = FastLinear(1024, 1536)
     x = torch.randn(2, 1024)
     with torch.inference_mode():
         y = torch.compile(layer, backend=backend)(x)
