@@ -123,10 +123,12 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--out", required=True, help="folder for results.json, judgments.jsonl and report.html")
     p.add_argument("--target-url", required=True, help="the target LLM's OpenAI-compatible API root")
     p.add_argument("--target-model", required=True, help="the target's model name at that endpoint")
-    p.add_argument("--target-key-env", default=d.target_key_env, help="environment variable with the target's key")
+    p.add_argument("--target-key-env", type=cli.env_name, default=d.target_key_env,
+                   help="environment variable with the target's key")
     p.add_argument("--judge-url", required=True, help="the judge LLM's OpenAI-compatible API root")
     p.add_argument("--judge-model", required=True, help="the judge's model name, e.g. gpt-4o")
-    p.add_argument("--judge-key-env", default=d.judge_key_env, help="environment variable with the judge's key")
+    p.add_argument("--judge-key-env", type=cli.env_name, default=d.judge_key_env,
+                   help="environment variable with the judge's key")
     p.add_argument("--field", help="the instruction's field (default: instruction + context, text, or prompt)")
     p.add_argument("--limit", type=cli.positive_int, help="evaluate a seeded sample of N instructions")
     p.add_argument("--seed", type=int, default=d.seed, help="for --limit's sample and the bootstrap")

@@ -67,7 +67,8 @@ def parse_args(argv=None) -> ServeConfig:
     add_args(p, heads="many")
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=cli.count, default=d.port, help="0: any free port")
-    p.add_argument("--api-key-env", help="require `Authorization: Bearer <the value of this variable>`")
+    p.add_argument("--api-key-env", type=cli.env_name,
+                   help="require `Authorization: Bearer <the value of this variable>`")
     p.add_argument("--max-batch", type=cli.positive_int, default=d.max_batch, help="rows decoded together at most")
     p.add_argument("--max-queue", type=cli.positive_int, default=d.max_queue,
                    help="requests waiting at most; more get 503 with Retry-After")
@@ -119,6 +120,9 @@ def upstreams_of(cfg: ServeConfig, heads) -> dict:
             raise UsageError(f"--upstream-model/--upstream-key-env for '{name}' without --upstream {name}=URL")
         if not re.match(r"https?://[^/\s]", urls[name]):
             raise UsageError(f"--upstream {name}={urls[name]}: give an http:// or https:// URL")
+        if name in keys and not cli.ENV_NAME.fullmatch(keys[name]):
+            raise UsageError(f"--upstream-key-env {name}=VAR: VAR must name an environment variable holding the key "
+                             "(letters, digits and _), not be the key itself")
         if name in keys and not os.environ.get(keys[name]):
             raise UsageError(f"--upstream-key-env {name}={keys[name]}: the variable is not set")
     return {n: (urls[n].rstrip("/"), names.get(n, n), os.environ.get(keys[n]) if n in keys else None) for n in urls}

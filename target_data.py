@@ -72,7 +72,8 @@ def parse_args(argv=None) -> TargetDataConfig:
     p.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     p.add_argument("--model", required=True, help="the target model's name at that endpoint")
     p.add_argument("--out", required=True, help="JSONL to append (prompt, improved) pairs to")
-    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    p.add_argument("--api-key-env", type=cli.env_name, default=d.api_key_env,
+                   help="environment variable holding the API key")
     p.add_argument("--data", default=d.data, help="prompts: .txt (one per line) or .jsonl/.json/.csv records")
     p.add_argument("--field", default=d.field, help="the prompt's field in --data records")
     p.add_argument("--instruction", default=d.instruction, help="the system message")

@@ -9,6 +9,7 @@ one line. Every flag has help text, and --help shows each default.
 import argparse
 import math
 import os
+import re
 import sys
 
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
@@ -25,10 +26,34 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with no abbreviated flags (--judge-key would be taken for --judge-key-env, and its value, a key,
+    printed as the variable's name) and no key in the message about unknown arguments."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            shown, before = [], ""
+            for arg in extras:
+                flag = arg.split("=", 1)[0]
+                if arg.startswith("-") and "=" in arg and "key" in flag.lower():
+                    shown.append(flag + "=<hidden>")
+                elif before.startswith("-") and "=" not in before and "key" in before.lower():
+                    shown.append("<hidden>")
+                else:
+                    shown.append(arg)
+                before = arg
+            self.error(f"unrecognized arguments: {' '.join(shown)}")
+        return namespace
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose description is the first paragraph of a module docstring and whose help shows defaults."""
     first = " ".join(doc.strip().split("\n\n")[0].split()).rstrip(":")
-    return argparse.ArgumentParser(description=first, formatter_class=_ShowDefaults)
+    return _Parser(description=first, formatter_class=_ShowDefaults)
 
 
 def add_hardware_args(p: argparse.ArgumentParser, d=None):
@@ -73,6 +98,18 @@ def fraction(text):
     if value >= 1:
         raise argparse.ArgumentTypeError(f"{text} must be below 1")
     return value
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_name(text):
+    """The name of an environment variable (for the --...-key-env flags). A value that cannot be one may be the key
+    itself, given by mistake: the message does not repeat it."""
+    if not ENV_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError("takes the name of an environment variable holding the key (letters, digits "
+                                         "and _), not the key itself: e.g. export MY_KEY=... and pass MY_KEY")
+    return text
 
 
 class Once(argparse.Action):

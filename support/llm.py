@@ -163,6 +163,8 @@ class LLM:
         """flag, key_flag: how the user gave base_url (--target-url) and key_env (--target-key-env), for the
         messages."""
         self.base_url, self.model, self.key_env = checked_url(base_url, flag), model, key_env
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):  # perhaps the key itself: not repeated
+            raise LLMError(f"{key_flag} takes the name of an environment variable holding the key, not the key itself")
         self.key = os.environ.get(key_env, "")
         if not self.key:
             raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "

@@ -393,3 +393,24 @@ def test_a_damaged_shard_index_is_one_line(tmp_path, text):
     (tmp_path / "model.safetensors.index.json").write_bytes(text)
     with pytest.raises(phi2.CheckpointError, match="model.safetensors.index.json: .*download it again"):
         phi2.weights.checkpoint_files(tmp_path)
+
+
+SECRET = "sk-proj-AbCdEf1234567890secret"
+EVALUATE = ["evaluate", "--instructions", "i.jsonl", "--out", "o", "--target-url", "http://127.0.0.1:9/v1",
+            "--target-model", "t", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["target_data", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", "o.jsonl", "--api-key-env", SECRET],
+    [*EVALUATE, "--judge-key-env", SECRET],
+    [*EVALUATE, "--judge-key", SECRET],  # an abbreviation is not taken for --judge-key-env
+    [*EVALUATE, f"--target-key={SECRET}"],
+    ["serve", "--api-key-env", SECRET],
+])
+def test_a_key_given_for_a_variable_name_is_not_printed(argv, capsys):
+    """A --...-key-env flag takes a variable's name; the key itself, given by mistake, is refused unrepeated."""
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(argv[0]).parse_args(argv[1:])
+    err = capsys.readouterr().err
+    assert SECRET not in err and ("not the key itself" in err or "<hidden>" in err), err
