@@ -150,6 +150,9 @@ def load(cfg: ServeConfig):
     log = ProxyLog(cfg.log) if cfg.log else None  # checked now, not after an upstream call is paid for
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
+    if "base" in prompter.targets:
+        raise UsageError("a --head's target is named 'base', the model name of stage 1 alone here; retrain that head "
+                         "with train_head.py --target <its target LLM>")
     heads = {"base": None, **{t: prompter.heads[t] for t in prompter.targets}}
     upstreams = upstreams_of(cfg, heads)
     kv_gb = cfg.max_kv_gb or hardware.memory_gb(hw.device) / 4

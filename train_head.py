@@ -18,7 +18,7 @@ import torch
 
 from head_adapter import TARGET_NAME, HeadAdapter, save_head
 from phi2.model import answer_rows
-from prompts import IGNORE_INDEX, collate, read_pairs
+from prompts import IGNORE_INDEX, collate, read_pairs, read_records
 from support import cli, ddp, training
 from support.hardware import to_device
 from support.prompter import Prompter, add_args, base_config
@@ -44,6 +44,9 @@ class HeadConfig(training.RunConfig):
         if not TARGET_NAME.fullmatch(self.target):
             raise training.TrainingError(f"--target {self.target!r}: a target's name is letters, digits and . _ - "
                                          "(it names files), e.g. mistral or gpt-4o")
+        if self.target == "base":
+            raise training.TrainingError("--target base: that name is the stage-1 model's in serve.py and evaluate.py; "
+                                         "name the head after its target LLM")
         self.report_to = tuple(self.report_to)
         self.out = self.out or f"{self.target}.safetensors"
         self.run_dir = self.run_dir or f"runs/head-{self.target}"
@@ -68,8 +71,23 @@ def parse_args(argv=None) -> HeadConfig:
     return training.parse_config(p, argv, HeadConfig)
 
 
+def targets_in(path) -> dict:
+    """{target: first line} of the records' "target" field (target_data.py writes the model that made each pair)."""
+    first = {}
+    for line, record in read_records(path):
+        if isinstance(record.get("target"), str):
+            first.setdefault(record["target"], line)
+    return first
+
+
 def main(cfg: HeadConfig) -> dict:
     training.check_output_kind(cfg.out, folder=False, flag="--out")
+    made_by = targets_in(cfg.data)
+    if len(made_by) > 1:
+        (a, line_a), (b, line_b) = list(made_by.items())[:2]
+        raise training.TrainingError(f"{cfg.data}: its pairs come from several targets ({a!r} at line {line_a}, "
+                                     f"{b!r} at line {line_b}); a head learns one target's rewrites: give it a file "
+                                     "of that target's pairs")
     run = training.Run.open(cfg, cfg.out, base_config(cfg.model, cfg.lora), script="train_head.py")
     world, hw = run.world, run.hw
     pairs = read_pairs(cfg.data, cfg.prompt_field, cfg.improved_field)
@@ -135,7 +153,8 @@ def main(cfg: HeadConfig) -> dict:
     if cfg.resume:
         step, best = training.load_state(run, plan, params, optimizer, scaler, prompter.base_fingerprint)
     run.write_config(inputs)
-    run.say(f"stage 2, target {cfg.target}: {len(train)} training / {len(val)} validation examples, "
+    source = f" (its pairs made by {next(iter(made_by))})" if made_by else ""  # a misspelt --target shows here
+    run.say(f"stage 2, target {cfg.target}{source}: {len(train)} training / {len(val)} validation examples, "
             f"{sum(p.numel() for p in params.values()):,} head parameters, {plan.total_steps} steps")
     wrote_out = cfg.resume and run.out.exists()
 

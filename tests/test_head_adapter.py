@@ -17,6 +17,7 @@ import train_sft
 from phi2.generation import generate
 from phi2.weights import fingerprint
 from prompts import DATA_DIR, DEFAULT_DATA
+from support import training
 from tests.conftest import load_prompter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +184,18 @@ def test_generate_cli_gives_one_rewrite_per_head(stage1, tmp_path, capsys):
         ("write a poem", "concise"), ("write a poem", "other"), ("explain taxes", "concise"),
         ("explain taxes", "other")]
     assert len(records) == 4
+
+
+def test_a_head_is_trained_on_one_target_and_not_named_base(stage1, tmp_path, capsys):
+    mixed = tmp_path / "mixed.jsonl"
+    lines = CONCISE.read_text().splitlines()[:20]
+    records = [{**json.loads(line), "target": "model-a" if i < 10 else "model-b"} for i, line in enumerate(lines)]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(training.TrainingError, match=r"several targets \('model-a' at line 1, 'model-b' at line 11\)"):
+        train_head.main(head_config(stage1, tmp_path, data=str(mixed)))
+    with pytest.raises(training.TrainingError, match="--target base: that name is the stage-1 model's"):
+        head_config(stage1, tmp_path, target="base")
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({**r, "target": "model-a"}) + "\n" for r in records))
+    train_head.main(head_config(stage1, tmp_path, data=str(one), max_steps=1))
+    assert "stage 2, target concise (its pairs made by model-a):" in capsys.readouterr().err
