@@ -52,6 +52,7 @@ class GenerateConfig:
     stop: list[str] = dataclasses.field(default_factory=list)
     json: bool = False
     out: str | None = None
+    overwrite: bool = False  # replace an existing --out
     compile: bool = False  # compile the decode step (torch.compile, static cache)
 
 
@@ -75,6 +76,7 @@ def parse_args(argv=None) -> GenerateConfig:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--out", help="write results to this file (resumes from FILE.partial)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile over a static cache: faster steps after a "
                         "compile of tens of seconds per batch size, worth it for many prompts")
@@ -105,7 +107,7 @@ def collect_prompts(cfg: GenerateConfig) -> list[tuple[str, str]]:
 def main(cfg: GenerateConfig) -> list[dict]:
     prompts = collect_prompts(cfg)
     if cfg.out:
-        _check_out(cfg.out)  # before the model loads
+        _check_out(cfg.out, cfg.overwrite)  # before the model loads
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
     print(hw.describe(), file=sys.stderr)
@@ -173,7 +175,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
         text = "".join(_render([records[i, t] for t in targets], cfg.json, several=True) + "\n" for i in indices)
         write_atomic(cfg.out, text)
         partial.unlink()
-        print(f"wrote {len(indices)} results to {cfg.out}", file=sys.stderr)
+        heads = f" ({len(indices)} prompts x {len(targets)} heads)" if len(targets) > 1 else ""
+        print(f"wrote {len(indices) * len(targets)} rewrites{heads} to {cfg.out}", file=sys.stderr)
     elif stream:
         print()
     return [records[i, t] for i in indices for t in targets]
@@ -191,11 +194,14 @@ def settings(cfg: GenerateConfig) -> dict:
             "heads": sorted(content_id(h) for h in cfg.heads)}
 
 
-def _check_out(out: str):
-    """One line if --out (or its FILE.partial) is a folder, or cannot be made because a file stands where a folder
-    of its path belongs, or that place is not writable."""
+def _check_out(out: str, overwrite: bool = False):
+    """One line if --out exists (without --overwrite), or it or its FILE.partial is a folder, or it cannot be made
+    because a file stands where a folder of its path belongs, or that place is not writable."""
     if Path(out).is_dir():
         raise UsageError(f"--out {out} is a folder; --out names the file to write the results to: choose a file name")
+    if Path(out).exists() and not overwrite:
+        raise UsageError(f"--out {out} exists (an earlier run's results); pass --overwrite to replace it, or choose "
+                         "another --out")
     if Path(out + ".partial").is_dir():
         raise UsageError(f"--out {out}: {out}.partial, where the results go as they come, is a folder; choose "
                          "another --out")
@@ -241,7 +247,7 @@ def _resume(partial: Path, prompts, targets, made_with: dict) -> dict:
             raise UsageError(f"{partial}:{n}: results for other prompts or heads; delete it or choose another --out")
         done[i, record["target"]] = record
     if done:
-        print(f"resuming: {len(done)} results already in {partial}", file=sys.stderr)
+        print(f"resuming: {len(done)} rewrites already in {partial}", file=sys.stderr)
     return done
 
 

@@ -51,6 +51,9 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
     full, _, _ = run(capsys, *argv)
     final = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(final) == 3 and not (tmp_path / "out.jsonl.partial").exists()
+    with pytest.raises(UsageError, match=r"out.jsonl exists \(an earlier run's results\); pass --overwrite"):
+        run(capsys, *argv)  # a finished --out is not replaced in silence
+    assert "wrote 3 rewrites to" in run(capsys, *argv, "--overwrite")[2]
 
     # a stopped run left two results (one cut short); the rerun computes only the rest
     (tmp_path / "out.jsonl").unlink()
@@ -59,7 +62,7 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(support.prompter, "generate", lambda model, prompts, *a, **k: calls.append(len(prompts))
                         or engine(model, prompts, *a, **k))
     resumed, _, err = run(capsys, *argv)
-    assert calls == [1] and "resuming: 2 results" in err
+    assert calls == [1] and "resuming: 2 rewrites" in err
     assert [r["output"] for r in resumed] == [r["output"] for r in full]
     untimed = lambda lines: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tokens_per_s")}
                              for line in lines]
@@ -68,6 +71,7 @@ def test_out_resumes_from_partial(tiny_checkpoint, tmp_path, capsys, monkeypatch
     # a stopped run under other settings is not mixed in
     header = json.dumps({"settings": {**generate.settings(generate.parse_args([str(a) for a in argv])),
                                       "max_new_tokens": 9}})
+    (tmp_path / "out.jsonl").unlink()
     (tmp_path / "out.jsonl.partial").write_text(header + "\n" + final[0] + "\n")
     with pytest.raises(UsageError, match=r"out.jsonl.partial: results made with other settings \(max_new_tokens "
                                          r"changed\)"):
