@@ -162,9 +162,18 @@ def save_adapter(model: Phi2, folder, base_path=None, base_fingerprint=None):
 
 def read_adapter_config(folder) -> dict:
     """adapter_config.json, checked for what this implementation supports."""
-    path = Path(folder) / "adapter_config.json"
+    folder = Path(folder)
+    path = folder / "adapter_config.json"
+    if not folder.exists():
+        raise AdapterError(f"{folder}: no such folder; a stage-1 adapter is a folder such as runs/sft/best")
+    if folder.is_file():
+        what = "a stage-2 head: pass it as --head" if folder.suffix == ".safetensors" else "a file"
+        raise AdapterError(f"{folder}: {what}; a stage-1 adapter is a folder holding adapter_config.json and "
+                           "adapter_model.safetensors")
     if not path.exists():
-        raise AdapterError(f"{path}: missing; a LoRA adapter folder holds adapter_config.json and "
+        hint = ("a model folder (a base, or export.py's merged model), not an adapter: pass it as --model"
+                if (folder / "config.json").exists() else "missing")
+        raise AdapterError(f"{path}: {hint}; a stage-1 adapter folder holds adapter_config.json and "
                            "adapter_model.safetensors")
     config = read_json(path, AdapterError, "the adapter folder is damaged: save or download it again")
     if not isinstance(config, dict):

@@ -41,6 +41,10 @@ def base_folder(model_dir, lora_dir) -> Path:
     given = model_dir is not None
     if model_dir is None and lora_dir:
         model_dir = lora.read_adapter_config(lora_dir).get("base_model_name_or_path")
+        if model_dir and not (Path(model_dir) / "config.json").exists():
+            raise phi2.CheckpointError(f"{lora_dir}: its base, {model_dir} (recorded in its adapter_config.json), "
+                                       "is not there; pass --model with the base's folder (moved or copied, or "
+                                       "downloaded with `huggingface-cli download microsoft/phi-2 --local-dir DIR`)")
     folder = Path(model_dir or DEFAULT_BASE)
     if given and (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
         raise phi2.CheckpointError(f"--model {folder}: a stage-1 LoRA adapter, not a Phi-2 checkpoint; pass it "

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import generate
+import lora
 import phi2
 import support.prompter
 from phi2.errors import UsageError
@@ -129,3 +130,19 @@ def test_compile_gives_the_eager_rewrites_and_says_what_compiling_cost(tiny_chec
     compiled, _, err = run(capsys, *argv, "--compile")
     assert [r["output"] for r in compiled] == [r["output"] for r in eager]
     assert "compiling the decode step took" in err
+
+
+def test_a_wrong_lora_path_says_what_it_is(tiny_checkpoint, tmp_path, capsys):
+    """Each --lora mistake names what was given and what to pass instead."""
+    model = phi2.load_model(tiny_checkpoint)
+    lora.inject(model, rank=2, alpha=4.0)
+    lora.save_adapter(model, tmp_path / "adapter", base_path=str(tmp_path / "moved-away"))
+    (tmp_path / "head.safetensors").write_bytes(b"")
+    for given, message in ((tmp_path / "sft" / "bst", "bst: no such folder"),
+                           (tmp_path / "head.safetensors", "head.safetensors: a stage-2 head: pass it as --head"),
+                           (tiny_checkpoint, r"adapter_config.json: a model folder \(a base, or export.py's merged "
+                                             r"model\), not an adapter: pass it as --model"),
+                           (tmp_path / "adapter", r"adapter: its base, .*moved-away \(recorded in its "
+                                                  r"adapter_config.json\), is not there; pass --model")):
+        with pytest.raises(UsageError, match=message):
+            run(capsys, "--lora", given, "hello")
