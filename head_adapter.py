@@ -7,8 +7,8 @@ Only the adapter and the head copy are trained, on pairs the target LLM itself i
 Universal Prompts for LLM"); at initialisation the logits are bit-identical to the base model's. A head
 composes with the model from outside, `head(model.hidden_states(x))`, and goes to generate() per call,
 so one loaded model serves several targets. The file holds only the head's tensors and metadata: the
-target's name, the base's config and weight fingerprint, the stage-1 adapter it was trained on, the
-sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of
+target's name, the base's config and weight fingerprint, the stage-1 adapter it was trained on (its id, and
+the path it had then), the sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of
 the frozen base head, which is what makes a file small (docs/training.md: "Head files"). Left out: per-target
 tokenizers or vocabularies.
 """
@@ -95,8 +95,10 @@ def content_id(path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprint: str, stage1: str):
-    """Write the head's trained tensors and its metadata to one safetensors file, atomically."""
+def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprint: str, stage1: str,
+              stage1_path=None):
+    """Write the head's trained tensors and its metadata to one safetensors file, atomically. stage1_path: where
+    the stage-1 adapter was, for the message that asks for it back."""
     path = Path(path)
     config = model.config
     metadata = {
@@ -109,6 +111,8 @@ def save_head(head: HeadAdapter, path, target: str, model: Phi2, base_fingerprin
         "vocab_size": str(config.vocab_size),
         "head_rank": "full" if head.head_rank is None else str(head.head_rank),
     }
+    if stage1_path:
+        metadata["stage1_path"] = str(Path(stage1_path).resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(head.trained_tensors(), tmp, metadata=metadata)
@@ -157,8 +161,9 @@ def load_head(path, model: Phi2, base_fingerprints, stage1: str, dtype=None) -> 
         raise HeadError(f"{path}: made for another base model (fingerprint {metadata['base_fingerprint']}, this "
                         f"base is {accepted[0]}); load the base it was trained on")
     if metadata["stage1_adapter"] != stage1:
+        where = f" (it was at {metadata['stage1_path']})" if metadata.get("stage1_path") else ""
         raise HeadError(f"{path}: trained on stage-1 adapter {metadata['stage1_adapter']}, but the one in use is "
-                        f"{stage1}; pass the --lora it was trained with")
+                        f"{stage1}; pass the --lora it was trained with{where}")
     config = model.config
     for key, value in (("hidden_size", config.n_embd), ("vocab_size", config.vocab_size)):
         if int(metadata[key]) != value:

@@ -102,7 +102,7 @@ def main(cfg: HeadConfig) -> dict:
     params = {n: p for n, p in head.named_parameters() if p.requires_grad}
 
     def save(path):
-        save_head(head, path, cfg.target, model, prompter.base_fingerprint, prompter.stage1)
+        save_head(head, path, cfg.target, model, prompter.base_fingerprint, prompter.stage1, cfg.lora)
 
     # The frozen body's outputs at answer positions, per example: (h (n_i, C), next_ids (n_i,)), on the
     # device, each process caching those it is given. An example's are always computed in the same batch

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,7 +160,9 @@ def test_mismatched_heads_are_refused(stage1, tmp_path, tiny_cfg):
     model, _, base_fp, stage1_id = load_prompter(stage1[1], torch.float32)
     with pytest.raises(ha.HeadError, match="made for another base model"):
         ha.load_head(path, model, fingerprint(phi2.build_model(tiny_cfg)), stage1_id)
-    with pytest.raises(ha.HeadError, match="trained on stage-1 adapter .* pass the --lora it was trained with"):
+    where = re.escape(str(stage1[1].resolve()))
+    with pytest.raises(ha.HeadError, match=rf"trained on stage-1 adapter .* pass the --lora it was trained with "
+                                           rf"\(it was at {where}\)"):
         ha.load_head(path, model, base_fp, "none")
     (tmp_path / "notes.safetensors").write_bytes(b"plain text, not safetensors")
     with pytest.raises(ha.HeadError, match="not a safetensors file"):
