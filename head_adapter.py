@@ -8,9 +8,9 @@ Universal Prompts for LLM"); at initialisation the logits are bit-identical to t
 composes with the model from outside, `head(model.hidden_states(x))`, and goes to generate() per call,
 so one loaded model serves several targets. The file holds only the head's tensors and metadata: the
 target's name, the base's config and weight fingerprint, the stage-1 adapter it was trained on (its id, and
-the path it had then), the sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2) for a low-rank update of
-the frozen base head, which is what makes a file small (docs/training.md: "Head files"). Left out: per-target
-tokenizers or vocabularies.
+the path it had then), the sizes. `head_rank` swaps the full head copy (V x C, 131M parameters for Phi-2)
+for a low-rank update of the frozen base head, which is what makes a file small (docs/training.md: "Head
+files"). Left out: per-target tokenizers or vocabularies.
 """
 
 import dataclasses
