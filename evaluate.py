@@ -27,6 +27,7 @@ import support.threads  # noqa: F401  (first: OpenMP reads its settings when tor
 import hashlib
 import html
 import json
+import os
 import random
 import re
 import sys
@@ -317,11 +318,11 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
     return [item for i, item in enumerate(items) if i in keep]
 
 
-def rewrites_file(cfg: EvalConfig, items: list[Item], out: Path) -> tuple[Path, dict[str, str]]:
+def rewrites_file(cfg: EvalConfig, out: Path) -> tuple[Path, dict[str, str]]:
     """out/rewrites-<id>.jsonl, named by what makes the rewrites (so that another adapter or head never reuses
-    them), and the rewrites it holds {instruction: rewrite}."""
-    texts = sorted({item.instruction for item in items})
-    made_by = [cfg.model, cfg.lora, cfg.head, cfg.max_new_tokens, texts]
+    them: the base's folder, the adapter's and the head's contents, --max-new-tokens), and the rewrites it holds
+    {instruction: rewrite}. Another --limit or instruction set reuses those it has."""
+    made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
                            (Path(cfg.head or ""), content_id)):
         try:  # their contents, not their bytes; loading them below names what is wrong with a bad file
@@ -460,7 +461,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     # is a rerun: every rewrite made, and the target's answers to both prompts of every item in the cache. Then
     # the run goes on from the cache: a request it lacks fails, and the table is made of the rest
     if rewrites is None:
-        rewrites_path, made = rewrites_file(cfg, items, out)
+        rewrites_path, made = rewrites_file(cfg, out)
     else:
         made = rewrites
     rerun = all(item.instruction in made for item in items) and all(
@@ -522,7 +523,10 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
         rows.append(row)
 
     judged = [r for r in rows if r["status"] == "judged"]
-    results = {"mode": "reference" if reference_mode else "pairwise", "target": cfg.target_model,
+    rewritten_by = ({"rewrites": cfg.rewrites, "rewrites_target": cfg.rewrites_target} if cfg.rewrites else
+                    {"model": cfg.model, "lora": cfg.lora, "head": cfg.head})
+    results = {"mode": "reference" if reference_mode else "pairwise", "rewritten_by": rewritten_by,
+               "target": cfg.target_model,
                "judge": cfg.judge_model, "instructions": cfg.instructions, "items": len(items),
                "judged": len(judged), "unparsed": len(unparsed), "incomplete": incomplete,
                "empty_rewrites": empty, "failed_requests": failed,

@@ -366,6 +366,12 @@ def test_the_prompter_rewrites_and_no_key_reaches_a_file(servers, tmp_path, monk
     assert len(rewrites) == 1 and len(made) == 3 and {r["input"]: r["output"] for r in made}[too_long.strip()] == ""
     for path in [*(tmp_path / "out").iterdir(), tmp_path / "cache.jsonl"]:
         assert KEY not in path.read_text(), path
+    assert results["rewritten_by"] == {"model": None, "lora": str(tmp_path / "sft" / "best"),
+                                       "head": str(tmp_path / "t.safetensors")}
+    # a smaller --limit reuses the rewrites made: the prompter is not called again
+    monkeypatch.setattr(evaluate.Prompter, "load", classmethod(lambda *a, **k: pytest.fail("rewrote again")))
+    cfg.limit = 2
+    assert evaluate.main(cfg)["items"] == 2 and len(list((tmp_path / "out").glob("rewrites-*.jsonl"))) == 1
 
 
 def test_the_cache_skips_a_line_cut_short_and_appends_after_it(tmp_path):
