@@ -262,6 +262,9 @@ def read_rewrites(path, target: str | None = None) -> dict[str, str]:
     file with rewrites for several targets (generate.py with several heads), those whose "target" is
     `target`; without one such a file is refused, as is a second, different rewrite of an instruction:
     keeping the last would evaluate a rewrite made for another target, and say nothing."""
+    if Path(path).suffix.lower() == ".txt":
+        raise EvalError(f"--rewrites {path}: a .txt has no instruction beside each rewrite; write the rewrites with "
+                        "generate.py --json --out FILE.jsonl (an input and an output per line)")
     rows = []
     for where, key, value, record in _pairs(path, REWRITE_KEYS, REWRITE_VALUES, "rewrite"):
         name = record.get("target")

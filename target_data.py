@@ -133,7 +133,8 @@ def main(cfg: TargetDataConfig, sleep=time.sleep) -> dict:
             seen.add(prompt)
     distinct = {prompt for _, prompt in prompts}
     repeated = f" ({len(prompts) - len(distinct)} repeated)" if len(distinct) < len(prompts) else ""
-    print(f"{len(prompts)} prompts{repeated}: {len(distinct & done)} already in {out}, {len(todo)} to ask "
+    plural = "" if len(prompts) == 1 else "s"
+    print(f"{len(prompts)} prompt{plural}{repeated}: {len(distinct & done)} already in {out}, {len(todo)} to ask "
           f"{cfg.model}", file=sys.stderr)
     if todo:
         target.probe()  # one line if nothing is there, rather than every prompt retried for minutes

@@ -273,8 +273,8 @@ class Run:
         if cfg.resume:
             saved = check_resumable(cfg, folder, world.size)
         elif (folder / "state.safetensors").exists():
-            raise TrainingError(f"{folder} already holds a run; continue it with --resume or choose another "
-                                "--run-dir")
+            raise TrainingError(f"{folder} already holds a run; continue it with --resume, or choose another "
+                                "--run-dir or delete that one (--overwrite replaces only --out)")
         elif out.exists() and not cfg.overwrite:
             raise TrainingError(f"{out} already exists (a trained adapter or head?); a new run would replace it: "
                                 "choose another --out, or pass --overwrite")
@@ -526,8 +526,10 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
         raise TrainingError(f"{path}: its step, best validation, gradient scale or random state is missing or "
                             f"damaged; {DAMAGED}") from None
     if step >= plan.end:
+        more = ("raise --stop-after, or leave it out to finish the run" if plan.end < plan.total_steps else
+                "the run is finished; raise --max-steps or --epochs to train further")
         raise TrainingError(f"{run.folder} is already at step {step}, with nothing left to do up to {plan.end}; "
-                            "raise --max-steps, --epochs or --stop-after")
+                            f"{more}")
     if metadata.get("base_fingerprint") != base_fingerprint:
         raise TrainingError(f"{path}: saved on another base model (fingerprint {metadata.get('base_fingerprint')}, "
                             f"this one is {base_fingerprint}); resume on the base it started with")

@@ -572,6 +572,10 @@ def test_text_that_is_not_unicode_is_one_line_naming_its_place(tmp_path):
     lone.write_text('[{"instruction": "fine", "dataset": "\\udc00"}]')
     with pytest.raises(evaluate.EvalError, match=r"inst.json #1: the category holds a lone surrogate"):
         evaluate.read_instructions(lone)
+    (tmp_path / "plain.txt").write_text("a rewrite\n")  # generate.py's output without --json
+    with pytest.raises(evaluate.EvalError, match=r"plain.txt: a .txt has no instruction beside each rewrite; write "
+                                                 r"the rewrites with generate.py --json"):
+        evaluate.read_rewrites(tmp_path / "plain.txt")
     rewrites = tmp_path / "rewrites.jsonl"
     rewrites.write_text('{"instruction": "fine", "rewrite": "ok"}\n{"instruction": "x", "rewrite": "\\ud800"}\n')
     with pytest.raises(evaluate.EvalError, match=r"rewrites.jsonl:2: the rewrite holds a lone surrogate"):

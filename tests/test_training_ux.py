@@ -227,5 +227,6 @@ def test_a_signal_during_the_last_validation_lets_the_run_finish(data, tmp_path,
     assert result["step"] == 8 and len(calls) == 10  # the last validation ran whole
     assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [0, 2, 4, 6, 8]
     assert (tmp_path / "best" / "adapter_model.safetensors").exists()
-    with pytest.raises(training.TrainingError, match="already at step 8, with nothing left to do"):
+    with pytest.raises(training.TrainingError, match="already at step 8, with nothing left to do up to 8; the run is "
+                                                     "finished; raise --max-steps or --epochs"):
         train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path), "--resume"]))
