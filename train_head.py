@@ -222,4 +222,4 @@ def _cat(pieces):
 
 
 if __name__ == "__main__":
-    cli.run("train_head.py", main, parse_args, on_interrupt="; the last checkpoint is kept: continue with --resume")
+    cli.run("train_head.py", main, parse_args, on_interrupt=training.on_interrupt)

@@ -206,4 +206,4 @@ def prepare_base(cfg: TrainConfig, pairs, folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    cli.run("train_sft.py", main, parse_args, on_interrupt="; the last checkpoint is kept: continue with --resume")
+    cli.run("train_sft.py", main, parse_args, on_interrupt=training.on_interrupt)

@@ -123,7 +123,7 @@ class Once(argparse.Action):
 
 def run(name: str, main, parse_args, argv=None, on_interrupt=""):
     """main(parse_args(argv)), with every UsageError as one line on stderr and exit status 2; on_interrupt:
-    what to tell the user after Ctrl-C (how to go on)."""
+    what to tell the user after Ctrl-C (how to go on), or a function that says it."""
     try:
         return main(parse_args(argv))
     except UsageError as e:
@@ -131,5 +131,5 @@ def run(name: str, main, parse_args, argv=None, on_interrupt=""):
             print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
-        print(f"{name}: interrupted{on_interrupt}", file=sys.stderr)
+        print(f"{name}: interrupted{on_interrupt() if callable(on_interrupt) else on_interrupt}", file=sys.stderr)
         sys.exit(130)

@@ -289,6 +289,7 @@ class Run:
         world.barrier()  # every process has checked the folder before rank 0 writes to it
         run = cls(cfg, out, world, hw, saved, script)
         run.locked = locked
+        _opened.append(run)
         processes = f" x {world.size} processes" if world.size > 1 else ""
         run.say(f"{hw.describe()}; batch {cfg.batch_size} x grad-accum {cfg.grad_accum}{processes} = global "
                 f"batch {cfg.batch_size * cfg.grad_accum * world.size}")
@@ -406,6 +407,14 @@ def saved_value(key: str, value):
 
 
 _LOCKS = {}  # folder -> its open .lock file, held until the process ends
+_opened = []  # the runs this process has opened; the last is the one a forced stop names
+
+
+def on_interrupt() -> str:
+    """What a trainer says after a stop that skipped its own handling (a second Ctrl-C): the command that
+    continues the run it opened last."""
+    how = f"`{_opened[-1].resume_command()}`" if _opened else "--resume"
+    return f"; the last checkpoint is kept: continue with {how}"
 
 
 def lock(folder: Path):

@@ -230,3 +230,19 @@ def test_a_signal_during_the_last_validation_lets_the_run_finish(data, tmp_path,
     with pytest.raises(training.TrainingError, match="already at step 8, with nothing left to do up to 8; the run is "
                                                      "finished; raise --max-steps or --epochs"):
         train_sft.main(train_sft.parse_args(["--run-dir", str(tmp_path), "--resume"]))
+
+
+def test_a_forced_stop_names_the_command_that_continues(data, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt that gets past the trainer's own handling (a second Ctrl-C) still gives the command."""
+    import phi2
+    from support import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(phi2.model.Phi2, "loss", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run("train_sft.py", train_sft.main, train_sft.parse_args, argv(data, tmp_path / "run"),
+                on_interrupt=training.on_interrupt)
+    assert stopped.value.code == 130
+    assert (f"train_sft.py: interrupted; the last checkpoint is kept: continue with `python train_sft.py --run-dir "
+            f"{tmp_path / 'run'} --resume`") in capsys.readouterr().err
