@@ -42,6 +42,7 @@ MAX_RETRY_AFTER = 120.0  # seconds: a server's Retry-After is obeyed up to this,
 MAX_BACKOFF = 60.0  # seconds: the longest wait of our own between retries (2**20 of them would be 12 days)
 PROBE_TIMEOUT = 10.0  # seconds the probe waits for a connection
 MIN_SECRET = 8  # characters: a shorter key is no secret to redact (real ones are 32 or more)
+EMPTY_TRIES = 2  # an empty reply is asked again once: a model that answers nothing tends to do so every time
 FAILED_IN_A_ROW = 8  # requests to one endpoint that fail for good with none answered between: the run stops
 _SURROGATE = re.compile("[\ud800-\udfff]")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi2-prompter" / "llm.jsonl"
@@ -66,6 +67,10 @@ class _Retryable(Exception):
     def __init__(self, message, retry_after=None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Empty(_Retryable):
+    """A reply with no text: the endpoint works, and this request may get none however often it is asked."""
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -255,14 +260,16 @@ class LLM:
 
     def _ask(self, messages, params) -> str:
         """The endpoint's reply, after up to max_retries retries, or a RequestFailed."""
-        last = None
+        last, empty = None, 0
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.sleep(max(self.backoff(attempt), min(last.retry_after or 0.0, MAX_RETRY_AFTER)))
             try:
                 return self._call(messages, params)
             except _Retryable as e:
-                last = e
+                last, empty = e, empty + isinstance(e, _Empty)
+                if empty >= EMPTY_TRIES:  # not the endpoint's failure: no count towards stopping the run
+                    raise RequestFailed(f"{self.base_url}: the reply was empty {empty} times") from None
         raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}", endpoint=True)
 
     def backoff(self, attempt: int) -> float:
@@ -314,7 +321,7 @@ class LLM:
         except (KeyError, IndexError, TypeError):
             raise _Retryable("the reply had no choices[0].message.content") from None
         if not isinstance(text, str) or not text.strip():
-            raise _Retryable("the reply was empty")
+            raise _Empty("the reply was empty")
         # a server that echoes the key gets it written as *** and nowhere else; half a surrogate pair (a "\\ud800"
         # escape alone) is no text, and would stop the cache and every file from being written
         return _SURROGATE.sub("\ufffd", self.redact(text.strip()))

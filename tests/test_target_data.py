@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class FakeLLM(LoopbackServer):
     """A chat-completions server: improves prompts as "Improved: <prompt>", after failing each prompt with
-    the statuses in fail[prompt] first; records attempts and the most requests in flight at once."""
+    the statuses in fail[prompt] first ("empty": a reply without text); records attempts and the most
+    requests in flight at once."""
 
     def __init__(self, delay=0.0, fail=None, reject_key=False):
         self.delay, self.fail, self.reject_key = delay, dict(fail or {}), reject_key
@@ -43,6 +44,8 @@ class FakeLLM(LoopbackServer):
         if self.reject_key or handler.headers["Authorization"] != f"Bearer {KEY}":
             # a careless server that echoes the credentials it got
             return send_json(handler, 401, {"error": f"invalid key {handler.headers['Authorization']}"})
+        if status == "empty":
+            return send_json(handler, 200, completion(" "))
         if status != 200:
             return send_json(handler, status, {"error": "try later"}, {"Retry-After": "0"})
         assert body["messages"][0]["role"] == "system" and body["model"] == "target-1"
@@ -112,19 +115,21 @@ def test_concurrency_is_bounded(server_factory, prompts_file, tmp_path, monkeypa
 def test_retries_on_429_5xx_then_gives_up_cleanly(server_factory, prompts_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_KEY", KEY)
     fail = {"prompt number 1": [429, 500], "prompt number 2": [503], "prompt number 3": [500] * 10,
-            "prompt number 4": [400]}
+            "prompt number 4": [400], "prompt number 5": ["empty"] * 10, "prompt number 6": ["empty"]}
     server = server_factory(fail=fail)
     summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", max_retries=3))
     done = {r["prompt"] for r in read_out(tmp_path / "out.jsonl")}
-    assert summary["failed"] == 2 and "prompt number 3" not in done and "prompt number 4" not in done
-    assert {"prompt number 1", "prompt number 2"} <= done
+    assert summary["failed"] == 3 and not {"prompt number 3", "prompt number 4", "prompt number 5"} & done
+    assert {"prompt number 1", "prompt number 2", "prompt number 6"} <= done
     assert server.attempts.count("prompt number 1") == 3 and server.attempts.count("prompt number 3") == 4
     assert server.attempts.count("prompt number 4") == 1  # a 400 is not retried
+    assert server.attempts.count("prompt number 5") == 2  # an empty reply is asked again once, not 3 times
     # a rerun (the server healthy again) asks only for what failed
     server.attempts.clear()
     server.fail.clear()
     summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", max_retries=3))
-    assert sorted(set(server.attempts)) == ["prompt number 3", "prompt number 4"] and summary["written"] == 2
+    assert sorted(set(server.attempts)) == ["prompt number 3", "prompt number 4", "prompt number 5"]
+    assert summary["written"] == 3
 
 
 def test_resume_after_a_crash(server_factory, prompts_file, tmp_path):
