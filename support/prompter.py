@@ -76,7 +76,13 @@ class Prompter:
 
     @classmethod
     def load(cls, model_dir=None, lora_dir=None, heads=(), dtype=torch.float32, device="cpu") -> "Prompter":
-        folder = base_folder(model_dir, lora_dir)
+        try:
+            folder = base_folder(model_dir, lora_dir)
+        except phi2.CheckpointError as e:
+            if heads and not lora_dir and model_dir is None:  # the default base was looked for: say why
+                raise phi2.CheckpointError(f"{e}; a --head goes with the --lora it was trained on, which names its "
+                                           "base") from None
+            raise
         model = phi2.load_model(folder, dtype=dtype, device=device)
         base_fingerprint, legacy = fingerprint(model), legacy_fingerprint(model)  # before the merge changes them
         if lora_dir:

@@ -132,7 +132,7 @@ def test_compile_gives_the_eager_rewrites_and_says_what_compiling_cost(tiny_chec
     assert "compiling the decode step took" in err
 
 
-def test_a_wrong_lora_path_says_what_it_is(tiny_checkpoint, tmp_path, capsys):
+def test_a_wrong_lora_path_says_what_it_is(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     """Each --lora mistake names what was given and what to pass instead."""
     model = phi2.load_model(tiny_checkpoint)
     lora.inject(model, rank=2, alpha=4.0)
@@ -146,3 +146,6 @@ def test_a_wrong_lora_path_says_what_it_is(tiny_checkpoint, tmp_path, capsys):
                                                   r"adapter_config.json\), is not there; pass --model")):
         with pytest.raises(UsageError, match=message):
             run(capsys, "--lora", given, "hello")
+    monkeypatch.chdir(tmp_path)  # no checkpoints/phi-2 here
+    with pytest.raises(UsageError, match="a --head goes with the --lora it was trained on, which names its base"):
+        run(capsys, "--head", tmp_path / "head.safetensors", "hello")
