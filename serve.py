@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from phi2.errors import UsageError
 from support import cli, hardware
+from support.llm import shown_key_env
 from support.prompter import Prompter, add_args, base_config
 
 DRAIN = 30.0  # seconds a stop waits for the requests in flight
@@ -102,7 +103,8 @@ def pairs_of(values: list[str], flag: str) -> dict:
     for value in values:
         name, sep, rest = value.partition("=")
         if not sep or not name or not rest:
-            raise UsageError(f"{flag} {value!r}: give NAME=VALUE, e.g. {flag} mistral=...")
+            shown = "(not repeated: it may be a key)" if "key" in flag else repr(value)
+            raise UsageError(f"{flag} {shown}: give NAME=VALUE, e.g. {flag} mistral=...")
         out[name] = rest
     return out
 
@@ -124,7 +126,7 @@ def upstreams_of(cfg: ServeConfig, heads) -> dict:
             raise UsageError(f"--upstream-key-env {name}=VAR: VAR must name an environment variable holding the key "
                              "(letters, digits and _), not be the key itself")
         if name in keys and not os.environ.get(keys[name]):
-            raise UsageError(f"--upstream-key-env {name}={keys[name]}: the variable is not set")
+            raise UsageError(f"--upstream-key-env {name}={shown_key_env(keys[name])}: the variable is not set")
     return {n: (urls[n].rstrip("/"), names.get(n, n), os.environ.get(keys[n]) if n in keys else None) for n in urls}
 
 
@@ -145,8 +147,8 @@ def load(cfg: ServeConfig):
     if cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
-            raise UsageError(f"--api-key-env {cfg.api_key_env}: the variable is not set; set it to the key clients "
-                             "must send")
+            raise UsageError(f"--api-key-env {shown_key_env(cfg.api_key_env)}: the variable is not set; set it to "
+                             "the key clients must send")
     log = ProxyLog(cfg.log) if cfg.log else None  # checked now, not after an upstream call is paid for
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)

@@ -26,9 +26,14 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+SECRET = re.compile(r"key|token|secret|pass|auth|bearer", re.IGNORECASE)  # flags whose values are not repeated
+KEYLIKE = re.compile(r"[A-Za-z0-9_\-]{24,}")  # and values that look like a key, whatever flag they follow
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with no abbreviated flags (--judge-key would be taken for --judge-key-env, and its value, a key,
-    printed as the variable's name) and no key in the message about unknown arguments."""
+    printed as the variable's name) and no key in the message about unknown arguments: the value of a flag that
+    names a key, token or secret, or any long unspaced word, is shown as <hidden>."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
@@ -39,9 +44,10 @@ class _Parser(argparse.ArgumentParser):
             shown, before = [], ""
             for arg in extras:
                 flag = arg.split("=", 1)[0]
-                if arg.startswith("-") and "=" in arg and "key" in flag.lower():
+                if arg.startswith("-") and "=" in arg and SECRET.search(flag):
                     shown.append(flag + "=<hidden>")
-                elif before.startswith("-") and "=" not in before and "key" in before.lower():
+                elif before.startswith("-") and "=" not in before and SECRET.search(before) or not arg.startswith(
+                        "-") and KEYLIKE.fullmatch(arg):
                     shown.append("<hidden>")
                 else:
                     shown.append(arg)

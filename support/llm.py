@@ -63,6 +63,12 @@ class RequestFailed(Exception):
         self.endpoint = endpoint
 
 
+def shown_key_env(name: str) -> str:
+    """A key variable's name as messages show it: only a conventional one (upper case, digits, _; short). Other
+    names may be the key itself, given by mistake (gsk_..., hf_... are valid names too), and are not repeated."""
+    return name if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,39}", name) else "(its name not repeated: it may be the key)"
+
+
 class _Retryable(Exception):
     def __init__(self, message, retry_after=None):
         super().__init__(message)
@@ -172,9 +178,11 @@ class LLM:
             raise LLMError(f"{key_flag} takes the name of an environment variable holding the key, not the key itself")
         self.key = os.environ.get(key_env, "")
         if not self.key:
-            raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
+            shown = shown_key_env(key_env)
+            example = f"{key_env}=unused" if shown == key_env else "MY_KEY=unused"
+            raise LLMError(f"the API key for {self.base_url} goes in the environment variable {shown} (name "
                            f"another one with {key_flag}; a server that needs no key takes any value, e.g. "
-                           f"{key_env}=unused); it is not set")
+                           f"{example}); it is not set")
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
         self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary

@@ -16,6 +16,7 @@ import phi2
 import target_data
 import train_head
 import train_sft
+from phi2.errors import UsageError
 from prompts import DEFAULT_DATA
 from support import training
 from support.prompter import Prompter
@@ -396,21 +397,41 @@ def test_a_damaged_shard_index_is_one_line(tmp_path, text):
 
 
 SECRET = "sk-proj-AbCdEf1234567890secret"
+NAMELIKE = "gsk_AbCdEf1234567890secret"  # a key that is also a valid variable name
 EVALUATE = ["evaluate", "--instructions", "i.jsonl", "--out", "o", "--target-url", "http://127.0.0.1:9/v1",
             "--target-model", "t", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["target_data", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", "o.jsonl", "--api-key-env", SECRET],
-    [*EVALUATE, "--judge-key-env", SECRET],
-    [*EVALUATE, "--judge-key", SECRET],  # an abbreviation is not taken for --judge-key-env
-    [*EVALUATE, f"--target-key={SECRET}"],
-    ["serve", "--api-key-env", SECRET],
+@pytest.mark.parametrize("argv, said", [
+    (["target_data", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", "o.jsonl", "--api-key-env",
+      SECRET], "not the key itself"),
+    ([*EVALUATE, "--judge-key-env", SECRET], "not the key itself"),
+    ([*EVALUATE, "--judge-key", NAMELIKE], "unrecognized arguments: --judge-key <hidden>"),  # no abbreviation
+    ([*EVALUATE, f"--target-key={NAMELIKE}"], "unrecognized arguments: --target-key=<hidden>"),
+    ([*EVALUATE, "--judge-token", "x", NAMELIKE], "unrecognized arguments: --judge-token <hidden> <hidden>"),
+    (["serve", "--api-key-env", SECRET], "not the key itself"),
 ])
-def test_a_key_given_for_a_variable_name_is_not_printed(argv, capsys):
+def test_a_key_given_for_a_variable_name_is_not_printed(argv, said, capsys):
     """A --...-key-env flag takes a variable's name; the key itself, given by mistake, is refused unrepeated."""
     import importlib
     with pytest.raises(SystemExit):
         importlib.import_module(argv[0]).parse_args(argv[1:])
     err = capsys.readouterr().err
-    assert SECRET not in err and ("not the key itself" in err or "<hidden>" in err), err
+    assert SECRET not in err and NAMELIKE not in err and said in err, err
+
+
+def test_a_key_that_is_a_valid_name_is_not_printed_when_unset(tmp_path, monkeypatch):
+    """gsk_..., hf_... keys are valid variable names: the 'not set' messages do not repeat them."""
+    import serve
+    from support.llm import LLM, LLMError
+    monkeypatch.delenv(NAMELIKE, raising=False)
+    with pytest.raises(LLMError) as refused:
+        LLM("http://127.0.0.1:9/v1", "m", NAMELIKE, key_flag="--api-key-env")
+    assert NAMELIKE not in str(refused.value) and "its name not repeated" in str(refused.value)
+    cfg = serve.parse_args(["--upstream", "t=http://127.0.0.1:9/v1", "--upstream-key-env", f"t={NAMELIKE}"])
+    with pytest.raises(UsageError) as refused:
+        serve.upstreams_of(cfg, {"base": None, "t": object()})
+    assert NAMELIKE not in str(refused.value)
+    with pytest.raises(UsageError) as refused:
+        serve.pairs_of([SECRET], "--upstream-key-env")
+    assert SECRET not in str(refused.value)
