@@ -161,7 +161,8 @@ def load_head(path, model: Phi2, base_fingerprints, stage1: str, dtype=None) -> 
         raise HeadError(f"{path}: made for another base model (fingerprint {metadata['base_fingerprint']}, this "
                         f"base is {accepted[0]}); load the base it was trained on")
     if metadata["stage1_adapter"] != stage1:
-        where = f" (it was at {metadata['stage1_path']})" if metadata.get("stage1_path") else ""
+        where = (f" (it was then at {' '.join(str(metadata['stage1_path']).split())[:300]!r}; if that folder was "
+                 "trained again since, train this head again on it)" if metadata.get("stage1_path") else "")
         raise HeadError(f"{path}: trained on stage-1 adapter {metadata['stage1_adapter']}, but the one in use is "
                         f"{stage1}; pass the --lora it was trained with{where}")
     config = model.config

@@ -167,7 +167,7 @@ def read_adapter_config(folder) -> dict:
     if not folder.exists():
         raise AdapterError(f"{folder}: no such folder; a stage-1 adapter is a folder such as runs/sft/best")
     if folder.is_file():
-        what = "a stage-2 head: pass it as --head" if folder.suffix == ".safetensors" else "a file"
+        what = "a file, a stage-2 head perhaps (--head)" if folder.suffix == ".safetensors" else "a file"
         raise AdapterError(f"{folder}: {what}; a stage-1 adapter is a folder holding adapter_config.json and "
                            "adapter_model.safetensors")
     if not path.exists():

@@ -30,6 +30,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+from head_adapter import read_metadata
 from phi2.errors import UsageError
 from support import cli, hardware
 from support.llm import shown_key_env
@@ -149,12 +150,13 @@ def load(cfg: ServeConfig):
         if not api_key:
             raise UsageError(f"--api-key-env {shown_key_env(cfg.api_key_env)}: the variable is not set; set it to "
                              "the key clients must send")
+    for path in cfg.heads:  # before the model loads
+        if read_metadata(path)["target"] == "base":
+            raise UsageError(f"--head {path}: its target is named 'base', the model name of stage 1 alone here; "
+                             "train that head again with train_head.py --target <its target LLM>")
     log = ProxyLog(cfg.log) if cfg.log else None  # checked now, not after an upstream call is paid for
     hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     prompter = Prompter.load(cfg.model, cfg.lora, cfg.heads, dtype=hw.dtype, device=hw.device)
-    if "base" in prompter.targets:
-        raise UsageError("a --head's target is named 'base', the model name of stage 1 alone here; retrain that head "
-                         "with train_head.py --target <its target LLM>")
     heads = {"base": None, **{t: prompter.heads[t] for t in prompter.targets}}
     upstreams = upstreams_of(cfg, heads)
     kv_gb = cfg.max_kv_gb or hardware.memory_gb(hw.device) / 4

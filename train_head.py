@@ -45,8 +45,8 @@ class HeadConfig(training.RunConfig):
             raise training.TrainingError(f"--target {self.target!r}: a target's name is letters, digits and . _ - "
                                          "(it names files), e.g. mistral or gpt-4o")
         if self.target == "base":
-            raise training.TrainingError("--target base: that name is the stage-1 model's in serve.py and evaluate.py; "
-                                         "name the head after its target LLM")
+            raise training.TrainingError("--target base: serve.py gives that name to stage 1 alone; name the head "
+                                         "after its target LLM")
         self.report_to = tuple(self.report_to)
         self.out = self.out or f"{self.target}.safetensors"
         self.run_dir = self.run_dir or f"runs/head-{self.target}"
@@ -82,7 +82,7 @@ def targets_in(path) -> dict:
 
 def main(cfg: HeadConfig) -> dict:
     training.check_output_kind(cfg.out, folder=False, flag="--out")
-    made_by = targets_in(cfg.data)
+    made_by = {} if "target" in (cfg.prompt_field, cfg.improved_field) else targets_in(cfg.data)
     if len(made_by) > 1:
         (a, line_a), (b, line_b) = list(made_by.items())[:2]
         raise training.TrainingError(f"{cfg.data}: its pairs come from several targets ({a!r} at line {line_a}, "

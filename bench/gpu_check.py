@@ -303,7 +303,7 @@ def section_c(ctx, res):
     model = build(config, dtype, ctx.dev).requires_grad_(False).eval()
     gen = torch.Generator(device=ctx.dev).manual_seed(0)
     h = torch.randn(N, config.n_embd, device=ctx.dev, dtype=dtype, generator=gen)  # as train_head caches them
-    targets = torch.randint(0, config.vocab_size, (N,), device=ctx.dev, generator=gen)
+    next_ids = torch.randint(0, config.vocab_size, (N,), device=ctx.dev, generator=gen)
     res.update({"config": config_name(ctx, "phi-2 (32 layers, resident)"), "rows": N,
                 "hidden_dtype": str(dtype).removeprefix("torch."), "head_dtype": "float32",
                 "memory_cap_gib": MEMORY_CAP / GiB if ctx.cuda else None, "median_of": steps})
@@ -319,7 +319,7 @@ def section_c(ctx, res):
 
         def step():
             with ctx.hw.autocast():
-                loss = head.loss(h, targets)
+                loss = head.loss(h, next_ids)
             (loss / N).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -334,7 +334,7 @@ def section_c(ctx, res):
         ok = ok and res[key]["finite"]
         print(f"  {key}: {s:.4f} s/step on {N} rows{_peak(res[key]['peak_allocated_gib'])}")
         head = optimizer = params = None  # freed now, not at the end of the function
-    model = h = targets = None  # freed now, not at the end of the function
+    model = h = next_ids = None  # freed now, not at the end of the function
     ctx.free()
     res["passed"] = ok
 

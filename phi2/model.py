@@ -233,9 +233,9 @@ class Phi2(nn.Module):
 
     def loss(self, idx, labels):
         """Summed next-token cross-entropy and the number of tokens it covers, for idx and labels (B, T)
-        where labels are -100 (ignored) on positions without a target.
+        where labels are -100 (ignored) on positions with no token to predict.
 
-        The LM head runs only where there is a target: with the prompt masked, that skips most rows of
+        The LM head runs only where there is a token to predict: with the prompt masked, that skips most rows of
         the (N, 51200) logits, the largest activation of a training step. The same value, written plainly
         (tests/test_model.py checks the two against each other):
 

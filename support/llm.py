@@ -278,7 +278,8 @@ class LLM:
                 last, empty = e, empty + isinstance(e, _Empty)
                 if empty >= EMPTY_TRIES:  # not the endpoint's failure: no count towards stopping the run
                     raise RequestFailed(f"{self.base_url}: the reply was empty {empty} times") from None
-        raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}", endpoint=True)
+        raise RequestFailed(f"{self.base_url}: gave up after {self.max_retries} retries: {last}",
+                            endpoint=not isinstance(last, _Empty))
 
     def backoff(self, attempt: int) -> float:
         """The wait before retry number attempt (1, 2, ...): retry_base doubling each time up to MAX_BACKOFF,

@@ -412,9 +412,10 @@ _opened = []  # the runs this process has opened; the last is the one a forced s
 
 def on_interrupt() -> str:
     """What a trainer says after a stop that skipped its own handling (a second Ctrl-C): the command that
-    continues the run it opened last."""
-    how = f"`{_opened[-1].resume_command()}`" if _opened else "--resume"
-    return f"; the last checkpoint is kept: continue with {how}"
+    continues the run it opened last, or, before its first checkpoint, that there is none."""
+    if _opened and (_opened[-1].folder / "state.safetensors").exists():
+        return f"; the last checkpoint is kept: continue with `{_opened[-1].resume_command()}`"
+    return "; there was no checkpoint yet: run the same command again (without --resume)"
 
 
 def lock(folder: Path):
@@ -535,8 +536,8 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
         raise TrainingError(f"{path}: its step, best validation, gradient scale or random state is missing or "
                             f"damaged; {DAMAGED}") from None
     if step >= plan.end:
-        more = ("raise --stop-after, or leave it out to finish the run" if plan.end < plan.total_steps else
-                "the run is finished; raise --max-steps or --epochs to train further")
+        more = ("the run is finished; raise --max-steps or --epochs to train further" if step >= plan.total_steps
+                else "raise --stop-after, or leave it out to finish the run")
         raise TrainingError(f"{run.folder} is already at step {step}, with nothing left to do up to {plan.end}; "
                             f"{more}")
     if metadata.get("base_fingerprint") != base_fingerprint:

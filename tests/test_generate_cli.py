@@ -139,7 +139,8 @@ def test_a_wrong_lora_path_says_what_it_is(tiny_checkpoint, tmp_path, capsys, mo
     lora.save_adapter(model, tmp_path / "adapter", base_path=str(tmp_path / "moved-away"))
     (tmp_path / "head.safetensors").write_bytes(b"")
     for given, message in ((tmp_path / "sft" / "bst", "bst: no such folder"),
-                           (tmp_path / "head.safetensors", "head.safetensors: a stage-2 head: pass it as --head"),
+                           (tmp_path / "head.safetensors", r"head.safetensors: a file, a stage-2 head perhaps "
+                                                            r"\(--head\)"),
                            (tiny_checkpoint, r"adapter_config.json: a model folder \(a base, or export.py's merged "
                                              r"model\), not an adapter: pass it as --model"),
                            (tmp_path / "adapter", r"adapter: its base, .*moved-away \(recorded in its "

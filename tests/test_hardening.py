@@ -435,3 +435,14 @@ def test_a_key_that_is_a_valid_name_is_not_printed_when_unset(tmp_path, monkeypa
     with pytest.raises(UsageError) as refused:
         serve.pairs_of([SECRET], "--upstream-key-env")
     assert SECRET not in str(refused.value)
+
+
+def test_serve_refuses_a_head_named_base_before_loading(tmp_path, tiny_cfg, monkeypatch):
+    import head_adapter
+    import serve
+    model = phi2.build_model(tiny_cfg)
+    head_adapter.save_head(head_adapter.HeadAdapter(model.lm_head), tmp_path / "b.safetensors", "base", model, "fp",
+                           "none")
+    monkeypatch.setattr(serve.Prompter, "load", classmethod(lambda *a, **k: pytest.fail("loaded first")))
+    with pytest.raises(UsageError, match=r"b.safetensors: its target is named 'base', the model name of stage 1"):
+        serve.load(serve.parse_args(["--head", str(tmp_path / "b.safetensors")]))

@@ -130,9 +130,9 @@ def test_training_caching_and_decoding_make_tensors_only_on_the_models_device(ti
         loss, n = model.loss(ids.to("meta"), labels)  # stage 1: LoRA, checkpointing, dropout, fused loss
         loss.backward()
         with torch.no_grad():  # stage 2: the body's outputs at the answer positions, then the head
-            rows, targets = answer_rows(model.eval().hidden_states(ids[:, :-1].to("meta")), labels)
+            rows, next_ids = answer_rows(model.eval().hidden_states(ids[:, :-1].to("meta")), labels)
         for h in (head, low_rank_head):
-            h.loss(rows, targets).backward()
+            h.loss(rows, next_ids).backward()
         with torch.no_grad():  # decoding: prefill, then one step
             caches = [model.new_cache(16) for _ in range(2)]
             h = model.hidden_states(ids[:, :8].to("meta"), caches)[:, -1]

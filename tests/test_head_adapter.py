@@ -162,7 +162,7 @@ def test_mismatched_heads_are_refused(stage1, tmp_path, tiny_cfg):
         ha.load_head(path, model, fingerprint(phi2.build_model(tiny_cfg)), stage1_id)
     where = re.escape(str(stage1[1].resolve()))
     with pytest.raises(ha.HeadError, match=rf"trained on stage-1 adapter .* pass the --lora it was trained with "
-                                           rf"\(it was at {where}\)"):
+                                           rf"\(it was then at '{where}'; if that folder was trained again"):
         ha.load_head(path, model, base_fp, "none")
     (tmp_path / "notes.safetensors").write_bytes(b"plain text, not safetensors")
     with pytest.raises(ha.HeadError, match="not a safetensors file"):
@@ -196,8 +196,12 @@ def test_a_head_is_trained_on_one_target_and_not_named_base(stage1, tmp_path, ca
     mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(training.TrainingError, match=r"several targets \('model-a' at line 1, 'model-b' at line 11\)"):
         train_head.main(head_config(stage1, tmp_path, data=str(mixed)))
-    with pytest.raises(training.TrainingError, match="--target base: that name is the stage-1 model's"):
+    with pytest.raises(training.TrainingError, match="--target base: serve.py gives that name to stage 1 alone"):
         head_config(stage1, tmp_path, target="base")
+    renamed = tmp_path / "renamed.jsonl"  # pairs whose rewrite field is called "target": no target names there
+    renamed.write_text("".join(json.dumps({"source": r["prompt"], "target": r["improved"]}) + "\n" for r in records))
+    train_head.main(head_config(stage1, tmp_path / "r", data=str(renamed), prompt_field="source",
+                                improved_field="target", max_steps=1))
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({**r, "target": "model-a"}) + "\n" for r in records))
     train_head.main(head_config(stage1, tmp_path, data=str(one), max_steps=1))

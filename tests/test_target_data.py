@@ -181,3 +181,12 @@ def test_missing_key_is_a_clear_error(prompts_file, tmp_path, monkeypatch):
     with pytest.raises(target_data.LLMError, match=r"environment variable NO_SUCH_KEY \(name another one with "
                                                    r"--api-key-env; a server that needs no key takes any value"):
         target_data.main(cfg)
+
+
+def test_empty_replies_never_stop_the_run(server_factory, prompts_file, tmp_path, monkeypatch):
+    """A reply without text is this prompt's failure, not the endpoint's: even without retries, 12 of them in a row
+    do not end the run as a dead endpoint would (8 in a row)."""
+    monkeypatch.setenv("TEST_KEY", KEY)
+    server = server_factory(fail={f"prompt number {i}": ["empty"] * 3 for i in range(12)})
+    summary = target_data.main(config(server, prompts_file, tmp_path / "out.jsonl", max_retries=0))
+    assert summary["failed"] == 12 and len(server.attempts) == 12

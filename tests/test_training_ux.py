@@ -233,16 +233,22 @@ def test_a_signal_during_the_last_validation_lets_the_run_finish(data, tmp_path,
 
 
 def test_a_forced_stop_names_the_command_that_continues(data, tmp_path, monkeypatch, capsys):
-    """A KeyboardInterrupt that gets past the trainer's own handling (a second Ctrl-C) still gives the command."""
+    """A KeyboardInterrupt that gets past the trainer's own handling (a second Ctrl-C) still says how to go on:
+    the command that resumes, once a checkpoint exists, else the first command again."""
     import phi2
     from support import cli
+    loss, stop_once = phi2.model.Phi2.loss, {"saved": False}
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        if (tmp_path / "run" / "state.safetensors").exists() == stop_once["saved"]:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
     monkeypatch.setattr(phi2.model.Phi2, "loss", interrupted)
-    with pytest.raises(SystemExit) as stopped:
-        cli.run("train_sft.py", train_sft.main, train_sft.parse_args, argv(data, tmp_path / "run"),
-                on_interrupt=training.on_interrupt)
-    assert stopped.value.code == 130
-    assert (f"train_sft.py: interrupted; the last checkpoint is kept: continue with `python train_sft.py --run-dir "
-            f"{tmp_path / 'run'} --resume`") in capsys.readouterr().err
+    for saved, said in ((False, "there was no checkpoint yet: run the same command again (without --resume)"),
+                        (True, "the last checkpoint is kept: continue with `python train_sft.py --run-dir "
+                               f"{tmp_path / 'run'} --resume`")):
+        stop_once["saved"] = saved
+        with pytest.raises(SystemExit) as stopped:
+            cli.run("train_sft.py", train_sft.main, train_sft.parse_args, argv(data, tmp_path / "run"),
+                    on_interrupt=training.on_interrupt)
+        assert stopped.value.code == 130 and f"train_sft.py: interrupted; {said}" in capsys.readouterr().err
