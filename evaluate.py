@@ -323,10 +323,11 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
 
 def rewrites_file(cfg: EvalConfig, out: Path) -> tuple[Path, dict[str, str]]:
     """out/rewrites-<id>.jsonl, named by what makes the rewrites (so that another adapter or head never reuses
-    them: the base's folder, the adapter's and the head's contents, --max-new-tokens), and the rewrites it holds
-    {instruction: rewrite}. Another --limit or instruction set reuses those it has."""
-    made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens]
+    them: the base's folder, the adapter's and the head's contents, --max-new-tokens and --precision), and the
+    rewrites it holds {instruction: rewrite}. Another --limit or instruction set reuses those it has."""
+    made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens, cfg.precision]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
+                           (Path(cfg.lora or "") / "adapter_config.json", lambda p: p.read_text()),  # its scale
                            (Path(cfg.head or ""), content_id)):
         try:  # their contents, not their bytes; loading them below names what is wrong with a bad file
             made_by.append(identity(path) if path.is_file() else None)
