@@ -26,8 +26,10 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-SECRET = re.compile(r"key|token|secret|pass|auth|bearer", re.IGNORECASE)  # flags whose values are not repeated
-KEYLIKE = re.compile(r"[A-Za-z0-9_\-]{24,}")  # and values that look like a key, whatever flag they follow
+# flags whose values are not repeated (a word of the flag's name), and values that look like a key (long, unspaced,
+# letters and digits mixed, not starting as a path does), whatever flag they follow
+SECRET = re.compile(r"(?:^|[-_])(?:key|token|secret|pass(?:word)?|auth|bearer)s?(?:$|[-_])", re.IGNORECASE)
+KEYLIKE = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9_+=-][A-Za-z0-9_+=./-]{23,}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +45,11 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             shown, before = [], ""
             for arg in extras:
-                flag = arg.split("=", 1)[0]
-                if arg.startswith("-") and "=" in arg and SECRET.search(flag):
+                flag, _, value = arg.partition("=")
+                if arg.startswith("-") and value and (SECRET.search(flag.lstrip("-")) or KEYLIKE.fullmatch(value)):
                     shown.append(flag + "=<hidden>")
-                elif before.startswith("-") and "=" not in before and SECRET.search(before) or not arg.startswith(
-                        "-") and KEYLIKE.fullmatch(arg):
+                elif before.startswith("-") and "=" not in before and SECRET.search(before.lstrip("-")) or (
+                        not arg.startswith("-") and KEYLIKE.fullmatch(arg)):
                     shown.append("<hidden>")
                 else:
                     shown.append(arg)

@@ -178,11 +178,13 @@ class LLM:
             raise LLMError(f"{key_flag} takes the name of an environment variable holding the key, not the key itself")
         self.key = os.environ.get(key_env, "")
         if not self.key:
-            shown = shown_key_env(key_env)
-            example = f"{key_env}=unused" if shown == key_env else "MY_KEY=unused"
-            raise LLMError(f"the API key for {self.base_url} goes in the environment variable {shown} (name "
+            if shown_key_env(key_env) != key_env:
+                raise LLMError(f"the API key for {self.base_url} is not in the environment variable given to "
+                               f"{key_flag} (its name is not repeated: it may be the key itself); set it, or name "
+                               "another variable (a server that needs no key takes any value)")
+            raise LLMError(f"the API key for {self.base_url} goes in the environment variable {key_env} (name "
                            f"another one with {key_flag}; a server that needs no key takes any value, e.g. "
-                           f"{example}); it is not set")
+                           f"{key_env}=unused); it is not set")
         self.cache, self.max_retries, self.retry_base, self.sleep = cache, max_retries, retry_base, sleep
         self.timeout = timeout
         self.requests = 0  # sent to the endpoint (cache misses and retries), for the tests and the summary

@@ -413,9 +413,13 @@ _opened = []  # the runs this process has opened; the last is the one a forced s
 def on_interrupt() -> str:
     """What a trainer says after a stop that skipped its own handling (a second Ctrl-C): the command that
     continues the run it opened last, or, before its first checkpoint, that there is none."""
-    if _opened and (_opened[-1].folder / "state.safetensors").exists():
-        return f"; the last checkpoint is kept: continue with `{_opened[-1].resume_command()}`"
-    return "; there was no checkpoint yet: run the same command again (without --resume)"
+    if not _opened:  # stopped before the run began
+        return "; run the same command again"
+    run = _opened[-1]
+    if (run.folder / "state.safetensors").exists():
+        return f"; the last checkpoint is kept: continue with `{run.resume_command()}`"
+    wrote = f", with --overwrite ({run.out} was written already)" if run.out.exists() and not run.cfg.overwrite else ""
+    return f"; there was no checkpoint yet: run the same command again{wrote}"
 
 
 def lock(folder: Path):

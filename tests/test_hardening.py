@@ -427,7 +427,7 @@ def test_a_key_that_is_a_valid_name_is_not_printed_when_unset(tmp_path, monkeypa
     monkeypatch.delenv(NAMELIKE, raising=False)
     with pytest.raises(LLMError) as refused:
         LLM("http://127.0.0.1:9/v1", "m", NAMELIKE, key_flag="--api-key-env")
-    assert NAMELIKE not in str(refused.value) and "its name not repeated" in str(refused.value)
+    assert NAMELIKE not in str(refused.value) and "its name is not repeated" in str(refused.value)
     cfg = serve.parse_args(["--upstream", "t=http://127.0.0.1:9/v1", "--upstream-key-env", f"t={NAMELIKE}"])
     with pytest.raises(UsageError) as refused:
         serve.upstreams_of(cfg, {"base": None, "t": object()})

@@ -244,7 +244,7 @@ def test_a_forced_stop_names_the_command_that_continues(data, tmp_path, monkeypa
             raise KeyboardInterrupt
         return loss(*args, **kwargs)
     monkeypatch.setattr(phi2.model.Phi2, "loss", interrupted)
-    for saved, said in ((False, "there was no checkpoint yet: run the same command again (without --resume)"),
+    for saved, said in ((False, "there was no checkpoint yet: run the same command again"),
                         (True, "the last checkpoint is kept: continue with `python train_sft.py --run-dir "
                                f"{tmp_path / 'run'} --resume`")):
         stop_once["saved"] = saved
@@ -252,3 +252,26 @@ def test_a_forced_stop_names_the_command_that_continues(data, tmp_path, monkeypa
             cli.run("train_sft.py", train_sft.main, train_sft.parse_args, argv(data, tmp_path / "run"),
                     on_interrupt=training.on_interrupt)
         assert stopped.value.code == 130 and f"train_sft.py: interrupted; {said}" in capsys.readouterr().err
+
+
+def test_a_forced_stop_of_stage_2_before_its_checkpoint_asks_for_overwrite(tmp_path, monkeypatch, capsys):
+    """Stage 2 writes --out at step 0: run again, the same command needs --overwrite, and the message says so."""
+    import head_adapter
+    from support import cli
+    sft = tmp_path / "sft"
+    train_sft.main(train_sft.parse_args(argv(DEFAULT_DATA, sft, "--max-steps", "2")))
+    loss = head_adapter.HeadAdapter.loss
+
+    def interrupted(self, *args):
+        if (tmp_path / "h.safetensors").exists():  # after step 0's validation wrote it
+            raise KeyboardInterrupt
+        return loss(self, *args)
+    monkeypatch.setattr(head_adapter.HeadAdapter, "loss", interrupted)
+    with pytest.raises(SystemExit):
+        cli.run("train_head.py", train_head.main, train_head.parse_args,
+                ["--target", "concise", "--data", str(DATA_DIR / "targets" / "concise.jsonl"), "--lora",
+                 str(sft / "best"), "--out", str(tmp_path / "h.safetensors"), "--run-dir", str(tmp_path / "head"),
+                 "--max-steps", "4", "--batch-size", "8", "--grad-accum", "1", "--max-len", "256"],
+                on_interrupt=training.on_interrupt)
+    assert (f"there was no checkpoint yet: run the same command again, with --overwrite ({tmp_path / 'h.safetensors'} "
+            "was written already)") in capsys.readouterr().err
