@@ -323,9 +323,11 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
 
 def rewrites_file(cfg: EvalConfig, out: Path) -> tuple[Path, dict[str, str]]:
     """out/rewrites-<id>.jsonl, named by what makes the rewrites (so that another adapter or head never reuses
-    them: the base's folder, the adapter's and the head's contents, --max-new-tokens and --precision), and the
-    rewrites it holds {instruction: rewrite}. Another --limit or instruction set reuses those it has."""
-    made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens, cfg.precision]
+    them: the base's folder, the adapter's and the head's contents, --max-new-tokens, the device kind and the
+    precision --precision resolves to there), and the rewrites it holds {instruction: rewrite}. Another --limit
+    or instruction set reuses those it has."""
+    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
+    made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens, hw.device.type, hw.precision]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
                            (Path(cfg.lora or "") / "adapter_config.json", lambda p: p.read_text()),  # its scale
                            (Path(cfg.head or ""), content_id)):

@@ -56,11 +56,11 @@ def base_folder(model_dir, lora_dir) -> Path:
 
 
 def base_config(model_dir, lora_dir=None) -> phi2.Phi2Config | None:
-    """The base's config, which decides the precision on a CPU; None where there is no checkpoint (loading it
-    then says why)."""
+    """The base's config, which decides the precision on a CPU; None where there is no checkpoint or adapter to
+    find it by (loading them then says why)."""
     try:
         return phi2.Phi2Config.from_hf_json(base_folder(model_dir, lora_dir) / "config.json")
-    except phi2.CheckpointError:
+    except (phi2.CheckpointError, lora.AdapterError):
         return None
 
 
