@@ -9,7 +9,8 @@
   Lines are appended as answers arrive (a crash loses only what was in flight) and a line cut short is
   skipped on reading.
 - **Retries.** 429, 5xx, timeouts, dropped connections and malformed replies are retried with exponential
-  backoff and jitter (each wait at most MAX_BACKOFF), honouring Retry-After up to MAX_RETRY_AFTER; after
+  backoff and jitter (each wait at most MAX_BACKOFF), honouring Retry-After up to MAX_RETRY_AFTER (a reply
+  with no text is asked EMPTY_TRIES times in all, and does not count as the endpoint's failure); after
   max_retries a RequestFailed names the endpoint and why, and the run goes on without that answer, unless
   FAILED_IN_A_ROW requests to the endpoint have failed so in a row (or with a 404/405): then it is down or
   the URL or model is wrong, and the run stops (LLMError) rather than retry every request for hours. A
