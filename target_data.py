@@ -5,12 +5,12 @@ endpoint with an instruction to improve it, and (prompt, improved) pairs are wri
         --model mistral-small-latest --api-key-env MISTRAL_API_KEY --out data/mistral.jsonl
 
 Made for thousands of prompts: at most --concurrency requests in flight; 429, 5xx, timeouts and dropped
-connections are retried with exponential backoff (honouring Retry-After, up to 120 s; an empty answer is
-asked again once), but an endpoint that is not there at all is said in one line before any prompt is asked;
-each result is appended and flushed as it arrives, so a crash loses nothing, and a rerun skips the prompts already done (and retries the ones that
-failed); Ctrl-C stops at once. Calls go through llm.py (the `openai` client, `pip install -e
-".[api]"`) and its cache (--cache), shared with evaluate.py. The API key is read from an environment
-variable and never printed or written.
+connections are retried with exponential backoff (honouring Retry-After, up to 120 s; an empty answer is asked
+again once), but an endpoint that is not there at all is said in one line before any prompt is asked; each
+result is appended and flushed as it arrives, so a crash loses nothing, and a rerun skips the prompts already
+done (and retries the ones that failed); Ctrl-C stops at once. Calls go through llm.py (the `openai` client,
+`pip install -e ".[api]"`) and its cache (--cache), shared with evaluate.py. The API key is read from an
+environment variable and never printed or written.
 """
 
 import json
