@@ -207,9 +207,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 def softmax_cross_entropy_(logits, next_ids, grad: bool, grad_bias=None):
     """sum_i -log softmax(logits_i)[t_i] in fp32 for logits (n, V) and next_ids (n,). With grad, logits is
     overwritten with the loss's gradient softmax - onehot, whose column sums are added to grad_bias if given.
-    A few rows at a time: 2 MB of fp32 stays in cache through the softmax's passes."""
+    On a CPU a few rows at a time, so that 2 MB of fp32 stays in cache through the softmax's passes; on a GPU
+    all at once, where each of the few-row pieces' dozen kernels would cost a launch."""
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    step = max(1, 2**19 // logits.size(1))  # rows
+    step = max(1, 2**19 // logits.size(1)) if logits.is_cpu else max(1, logits.size(0))  # rows
     for i in range(0, logits.size(0), step):
         z, t = logits[i:i + step], next_ids[i:i + step]
         logp = z.float().log_softmax(dim=-1)  # (k, V)

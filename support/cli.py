@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+import torch
+
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
 from support.hardware import DEVICES, PRECISIONS
 
@@ -138,6 +140,12 @@ def run(name: str, main, parse_args, argv=None, on_interrupt=""):
         if not getattr(e, "rank_0_says", False) or os.environ.get("RANK", "0") == "0":  # (torchrun's processes)
             print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+    except torch.OutOfMemoryError as e:  # one line, not the allocator's page of statistics
+        first = str(e).split(".")[0]
+        print(f"{name}: error: out of memory on the device ({first}); to train, try a smaller --batch-size with a "
+              "larger --grad-accum, --grad-checkpointing or a shorter --max-len; to decode, a smaller --batch-size "
+              "(--max-batch to serve)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{name}: interrupted{on_interrupt() if callable(on_interrupt) else on_interrupt}", file=sys.stderr)
         sys.exit(130)

@@ -87,6 +87,10 @@ def device_name(name: str, world: World) -> str:
     """--device for this process: under torchrun, `auto` or `cuda` means the GPU of its local rank."""
     if world.size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{world.local_rank}"
+    if world.size > 1 and name.startswith("cuda:"):
+        raise DistributedError(f"--device {name} under torchrun would put every process on that one GPU; pass "
+                               "--device cuda (each process takes the GPU of its local rank), and choose the GPUs "
+                               "with CUDA_VISIBLE_DEVICES")
     return name
 
 

@@ -493,6 +493,8 @@ def rng_state(device: torch.device) -> dict:
     state = {"rng.torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["rng.cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":  # dropout on the device draws from its generator
+        state["rng.mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -560,6 +562,8 @@ def load_state(run: Run, plan: Plan, params: dict, optimizer, scaler, base_finge
     torch.set_rng_state(tensors[f"rng.torch{mine}"])
     if f"rng.cuda{mine}" in tensors and run.hw.device.type == "cuda":
         torch.cuda.set_rng_state(tensors[f"rng.cuda{mine}"], run.hw.device)
+    if f"rng.mps{mine}" in tensors and run.hw.device.type == "mps":
+        torch.mps.set_rng_state(tensors[f"rng.mps{mine}"])
     if scaler_state is not None:
         scaler.load_state_dict(scaler_state)
     run.say(f"resuming after step {step} of {plan.total_steps}, from {path}")
@@ -632,7 +636,9 @@ class Log:
                 raise TrainingError(f"training diverged at step {record['step']} ({what}); stopped, and the last "
                                     f"good checkpoint is kept in {self.run.folder}; try {hint}")
             each = seconds / len(self.pending)
-            record.update(loss=loss, grad_norm=norm, seconds=each, tokens_per_s=record["tokens"] / each)
+            # a step fp16's scaler skipped has an infinite norm: null in the log (NaN and Infinity are not JSON)
+            record.update(loss=loss, grad_norm=norm if math.isfinite(norm) else None, seconds=each,
+                          tokens_per_s=record["tokens"] / each)
             self.ready.append(record)
         self.seconds += seconds
         self.tokens += sum(record["tokens"] for record, _, _ in self.pending)
@@ -736,7 +742,7 @@ class TensorBoard:
     def log(self, records: list[dict]):
         for r in records:
             for key, value in r.items():
-                if key in SCALARS:
+                if key in SCALARS and value is not None:
                     self.writer.add_scalar(SCALARS[key], value, r["step"])
         self.writer.flush()
 
@@ -762,7 +768,7 @@ class WandB:
 
     def log(self, records: list[dict]):
         for r in records:
-            self.run.log({SCALARS[k]: v for k, v in r.items() if k in SCALARS}, step=r["step"])
+            self.run.log({SCALARS[k]: v for k, v in r.items() if k in SCALARS and v is not None}, step=r["step"])
 
     def close(self):
         self.run.finish()

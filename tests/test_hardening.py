@@ -446,3 +446,24 @@ def test_serve_refuses_a_head_named_base_before_loading(tmp_path, tiny_cfg, monk
     monkeypatch.setattr(serve.Prompter, "load", classmethod(lambda *a, **k: pytest.fail("loaded first")))
     with pytest.raises(UsageError, match=r"b.safetensors: its target is named 'base', the model name of stage 1"):
         serve.load(serve.parse_args(["--head", str(tmp_path / "b.safetensors")]))
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(capsys):
+    from support import cli
+
+    def main(_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "23.6 GiB of which 1.2 GiB is free.\nOf the allocated memory ...")
+    with pytest.raises(SystemExit) as stopped:
+        cli.run("train_sft.py", main, lambda argv: None)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("train_sft.py: error: out of memory on the device (CUDA out of memory); to train, try a "
+                          "smaller --batch-size")
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused():
+    from support import ddp
+    with pytest.raises(ddp.DistributedError, match="--device cuda:1 under torchrun would put every process on"):
+        ddp.device_name("cuda:1", ddp.World(0, 0, 2))
+    assert ddp.device_name("cpu", ddp.World(0, 0, 2)) == "cpu" and ddp.device_name("cuda:1", ddp.World(0, 0, 1))

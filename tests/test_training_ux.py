@@ -275,3 +275,16 @@ def test_a_forced_stop_of_stage_2_before_its_checkpoint_asks_for_overwrite(tmp_p
                 on_interrupt=training.on_interrupt)
     assert (f"there was no checkpoint yet: run the same command again, with --overwrite ({tmp_path / 'h.safetensors'} "
             "was written already)") in capsys.readouterr().err
+
+
+def test_a_step_the_fp16_scaler_skips_is_logged_as_strict_json(data, tmp_path, monkeypatch):
+    """Its gradient norm is infinite: metrics.jsonl says null (NaN and Infinity are not JSON), and the run goes on."""
+    import torch
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    train_sft.main(train_sft.parse_args([*argv(data, tmp_path), "--precision", "fp16", "--max-steps", "2"]))
+
+    def strict(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    steps = [r for r in (json.loads(line, parse_constant=strict) for line in lines) if "loss" in r]
+    assert len(steps) == 2 and all(r["grad_norm"] is None for r in steps)
