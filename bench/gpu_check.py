@@ -19,7 +19,8 @@ its results, whether its checks passed, its seconds, and on failure the error (t
   c_stage2_step  a cached stage-2 step: the head adapter (full copy, and a rank-64 update) on ~2000 answer rows
   d_decoding     greedy decoding of 128 new tokens at batch 1 and 8: ours (eager; compiled where the API has it)
                  and transformers' generate on the same weights, beside the memory-bandwidth bound
-  e_end_to_end   train_sft.py (--model tiny), train_head.py and generate.py through their main(), --device as given
+  e_end_to_end   train_sft.py (--model tiny), train_head.py and generate.py through their main(), --device as given;
+                 a stage-1 run paused half-way and resumed, against the uninterrupted one (to the bit); fp16
   f_serving      serve.py's decoding engine on a 2-layer full-width Phi-2 with a head: 16 requests one at a time,
                  then all at once (half through the head), tokens/s and whether each batched row equals its
                  solo decode (issue 15's goal: 16 at once at least 4x one at a time)
@@ -471,9 +472,13 @@ def section_e(ctx, res):
     sft_steps, head_steps, new = (2, 2, 8) if ctx.smoke else (20, 10, 16)
     folder = Path(tempfile.mkdtemp(prefix="gpu_check_e2e_"))
     res.update(device=dev, precision=precision)
+
+    def sft(run_dir, *more):
+        return ["--model", "tiny", "--run-dir", str(folder / run_dir), "--max-steps", str(sft_steps), "--batch-size",
+                "4", "--grad-accum", "1", *on, *more]
+    half = max(1, sft_steps // 2)
     steps = [
-        ("train_sft", train_sft, ["--model", "tiny", "--run-dir", str(folder / "sft"), "--max-steps", str(sft_steps),
-                                  "--batch-size", "4", "--grad-accum", "1", *on]),
+        ("train_sft", train_sft, sft("sft")),
         ("train_head", train_head, ["--target", "concise", "--data", str(ROOT / "data/targets/concise.jsonl"),
                                     "--lora", str(folder / "sft" / "best"), "--out",
                                     str(folder / "concise.safetensors"), "--run-dir", str(folder / "head"),
@@ -481,7 +486,14 @@ def section_e(ctx, res):
         ("generate", generate_cli, ["--lora", str(folder / "sft" / "best"), "--head",
                                     str(folder / "concise.safetensors"), *on, "--max-new-tokens", str(new),
                                     "--json", "Write a poem"]),
+        # paused half-way and resumed: the uninterrupted run's weights, to the bit (compared below)
+        ("train_sft_pause", train_sft, sft("again", "--stop-after", str(half))),
+        ("train_sft_resume", train_sft, ["--run-dir", str(folder / "again"), "--resume"]),
+        # fp16 with its gradient scaler, the path of GPUs without bf16 (T4, V100)
+        ("train_sft_fp16", train_sft, sft("fp16", "--precision", "fp16")),
     ]
+    expected = {"train_sft": sft_steps, "train_head": head_steps, "train_sft_pause": half,
+                "train_sft_resume": sft_steps, "train_sft_fp16": sft_steps}
     ok = True
     try:
         for name, module, argv in steps:
@@ -504,11 +516,17 @@ def section_e(ctx, res):
             else:
                 r["steps"] = result["step"]
                 r["best_val_loss"] = result["best_val_loss"]
-                r["passed"] = result["step"] == (sft_steps if name == "train_sft" else head_steps)
+                r["passed"] = result["step"] == expected[name]
             ok = ok and r["passed"]
             res[name] = r
             print(f"  {name}: {'ok' if r['passed'] else 'FAILED'} in {r['seconds']} s")
             result = None  # freed now, not at the end of the function
+        if ok:
+            from safetensors.torch import load_file
+            a, b = (load_file(folder / run / "last" / "adapter_model.safetensors") for run in ("sft", "again"))
+            res["resume_max_abs_diff"] = max(max_abs(a[k], b[k]) for k in a)
+            ok = res["resume_max_abs_diff"] == 0.0
+            print(f"  resumed run against the uninterrupted one: max abs diff {res['resume_max_abs_diff']:.3g}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         ctx.free()
