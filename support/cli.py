@@ -140,8 +140,10 @@ def run(name: str, main, parse_args, argv=None, on_interrupt=""):
         if not getattr(e, "rank_0_says", False) or os.environ.get("RANK", "0") == "0":  # (torchrun's processes)
             print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
-    except torch.OutOfMemoryError as e:  # one line, not the allocator's page of statistics
-        first = str(e).split(".")[0]
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # one line, not the allocator's page of statistics
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):  # (MPS raises RuntimeError)
+            raise
+        first = str(e).split(". ")[0].split("\n")[0][:200]
         print(f"{name}: error: out of memory on the device ({first}); to train, try a smaller --batch-size with a "
               "larger --grad-accum, --grad-checkpointing or a shorter --max-len; to decode, a smaller --batch-size "
               "(--max-batch to serve)", file=sys.stderr)

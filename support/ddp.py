@@ -88,9 +88,11 @@ def device_name(name: str, world: World) -> str:
     if world.size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{world.local_rank}"
     if world.size > 1 and name.startswith("cuda:"):
-        raise DistributedError(f"--device {name} under torchrun would put every process on that one GPU; pass "
-                               "--device cuda (each process takes the GPU of its local rank), and choose the GPUs "
-                               "with CUDA_VISIBLE_DEVICES")
+        error = DistributedError(f"--device {name} under torchrun would put every process on that one GPU; pass "
+                                 "--device cuda (each process takes the GPU of its local rank), and choose the GPUs "
+                                 "with CUDA_VISIBLE_DEVICES")
+        error.rank_0_says = True  # every process finds it: said once
+        raise error
     return name
 
 

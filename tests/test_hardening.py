@@ -461,6 +461,19 @@ def test_out_of_memory_is_one_line_with_what_to_change(capsys):
     assert err.startswith("train_sft.py: error: out of memory on the device (CUDA out of memory); to train, try a "
                           "smaller --batch-size")
 
+    def mps(_):  # MPS says it with a RuntimeError
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 18.10 GB, max allowed: 20.13 GB). Tried to "
+                           "allocate 256.00 MB on private pool.")
+    with pytest.raises(SystemExit):
+        cli.run("train_sft.py", mps, lambda argv: None)
+    assert "(MPS backend out of memory (MPS allocated: 18.10 GB, max allowed: 20.13 GB)); to train" in \
+        capsys.readouterr().err
+
+    def other(_):
+        raise RuntimeError("something else")
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.run("train_sft.py", other, lambda argv: None)
+
 
 def test_an_explicit_gpu_under_torchrun_is_refused():
     from support import ddp
