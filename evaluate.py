@@ -321,12 +321,11 @@ def sample(items: list[Item], limit, seed) -> list[Item]:
     return [item for i, item in enumerate(items) if i in keep]
 
 
-def rewrites_file(cfg: EvalConfig, out: Path) -> tuple[Path, dict[str, str]]:
+def rewrites_file(cfg: EvalConfig, hw: hardware.Hardware, out: Path) -> tuple[Path, dict[str, str]]:
     """out/rewrites-<id>.jsonl, named by what makes the rewrites (so that another adapter or head never reuses
     them: the base's folder, the adapter's and the head's contents, --max-new-tokens, the device kind and the
-    precision --precision resolves to there), and the rewrites it holds {instruction: rewrite}. Another --limit
-    or instruction set reuses those it has."""
-    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
+    precision --precision resolves to there: hw), and the rewrites it holds {instruction: rewrite}. Another
+    --limit or instruction set reuses those it has."""
     made_by = [os.path.realpath(cfg.model) if cfg.model else None, cfg.max_new_tokens, hw.device.type, hw.precision]
     for path, identity in ((Path(cfg.lora or "") / "adapter_model.safetensors", lambda p: stage1_id(p.parent)),
                            (Path(cfg.lora or "") / "adapter_config.json", lambda p: p.read_text()),  # its scale
@@ -348,14 +347,14 @@ def rewrites_file(cfg: EvalConfig, out: Path) -> tuple[Path, dict[str, str]]:
     return path, done
 
 
-def prompter_rewrites(cfg: EvalConfig, items: list[Item], path: Path, done: dict[str, str]) -> dict[str, str]:
+def prompter_rewrites(cfg: EvalConfig, hw: hardware.Hardware, items: list[Item], path: Path,
+                      done: dict[str, str]) -> dict[str, str]:
     """Greedy rewrites by the prompter (the head for this target), appended to rewrites_file's path as they
     come, after those it already holds (done), so that a rerun makes only those missing. An instruction too
     long for the prompter's context gets none: the original is used, and counted as an empty rewrite."""
     todo = sorted({item.instruction for item in items} - set(done))
     if not todo:
         return done
-    hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
     print(hw.describe(), file=sys.stderr)  # (a rerun whose rewrites are all made loads no prompter)
     prompter = Prompter.load(cfg.model, cfg.lora, [cfg.head] if cfg.head else [], dtype=hw.dtype, device=hw.device)
     target = prompter.targets[0] if prompter.targets else None
@@ -466,8 +465,9 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
     # a server that is not there is said before the prompter loads, not after minutes of retries; unless this
     # is a rerun: every rewrite made, and the target's answers to both prompts of every item in the cache. Then
     # the run goes on from the cache: a request it lacks fails, and the table is made of the rest
-    if rewrites is None:
-        rewrites_path, made = rewrites_file(cfg, out)
+    if rewrites is None:  # the prompter's, on the hardware it would run on (which names its rewrites file)
+        hw = hardware.resolve(cfg.device, cfg.precision, base_config(cfg.model, cfg.lora), work="decode")
+        rewrites_path, made = rewrites_file(cfg, hw, out)
     else:
         made = rewrites
     rerun = all(item.instruction in made for item in items) and all(
@@ -489,7 +489,7 @@ def main(cfg: EvalConfig, sleep=time.sleep) -> dict:
 
     # 1. the rewrites
     if rewrites is None:
-        rewrites = prompter_rewrites(cfg, items, rewrites_path, made)
+        rewrites = prompter_rewrites(cfg, hw, items, rewrites_path, made)
     empty = sum(1 for item in items if not rewrites[item.instruction].strip())
     optimised = {item.instruction: rewrites[item.instruction].strip() or item.instruction for item in items}
 
