@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from head_adapter import read_metadata
 from phi2.errors import UsageError
 from support import cli, hardware
-from support.llm import shown_key_env
+from support.llm import ENV_NAME, shown_key_env
 from support.prompter import Prompter, add_args, base_config
 
 DRAIN = 30.0  # seconds a stop waits for the requests in flight
@@ -123,7 +123,7 @@ def upstreams_of(cfg: ServeConfig, heads) -> dict:
             raise UsageError(f"--upstream-model/--upstream-key-env for '{name}' without --upstream {name}=URL")
         if not re.match(r"https?://[^/\s]", urls[name]):
             raise UsageError(f"--upstream {name}={urls[name]}: give an http:// or https:// URL")
-        if name in keys and not cli.ENV_NAME.fullmatch(keys[name]):
+        if name in keys and not ENV_NAME.fullmatch(keys[name]):
             raise UsageError(f"--upstream-key-env {name}=VAR: VAR must name an environment variable holding the key "
                              "(letters, digits and _), not be the key itself")
         if name in keys and not os.environ.get(keys[name]):

@@ -16,6 +16,7 @@ import torch
 
 from phi2.errors import UsageError  # noqa: F401 (re-exported: cli.UsageError)
 from support.hardware import DEVICES, PRECISIONS
+from support.llm import ENV_NAME
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,19 +46,20 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
-            shown, before = [], ""
-            for arg in extras:
-                flag, _, value = arg.partition("=")
-                if arg.startswith("-") and value and (SECRET.search(flag.lstrip("-")) or KEYLIKE.fullmatch(value)):
-                    shown.append(flag + "=<hidden>")
-                elif before.startswith("-") and "=" not in before and SECRET.search(before.lstrip("-")) or (
-                        not arg.startswith("-") and KEYLIKE.fullmatch(arg)):
-                    shown.append("<hidden>")
-                else:
-                    shown.append(arg)
-                before = arg
+            shown = [_shown(arg, before) for arg, before in zip(extras, ["", *extras])]
             self.error(f"unrecognized arguments: {' '.join(shown)}")
         return namespace
+
+
+def _shown(arg: str, before: str) -> str:
+    """An unknown argument as the message shows it, before: the one ahead of it."""
+    flag, _, value = arg.partition("=")
+    if arg.startswith("-") and value and (SECRET.search(flag.lstrip("-")) or KEYLIKE.fullmatch(value)):
+        return flag + "=<hidden>"
+    after_secret = before.startswith("-") and "=" not in before and SECRET.search(before.lstrip("-"))
+    if after_secret or (not arg.startswith("-") and KEYLIKE.fullmatch(arg)):
+        return "<hidden>"
+    return arg
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -108,9 +110,6 @@ def fraction(text):
     if value >= 1:
         raise argparse.ArgumentTypeError(f"{text} must be below 1")
     return value
-
-
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def env_name(text):

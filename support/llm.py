@@ -64,6 +64,9 @@ class RequestFailed(Exception):
         self.endpoint = endpoint
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name; a key may not be one
+
+
 def shown_key_env(name: str) -> str:
     """A key variable's name as messages show it: only a conventional one (upper case, digits, _; short). Other
     names may be the key itself, given by mistake (gsk_..., hf_... are valid names too), and are not repeated."""
@@ -175,7 +178,7 @@ class LLM:
         """flag, key_flag: how the user gave base_url (--target-url) and key_env (--target-key-env), for the
         messages."""
         self.base_url, self.model, self.key_env = checked_url(base_url, flag), model, key_env
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):  # perhaps the key itself: not repeated
+        if not ENV_NAME.fullmatch(key_env):  # perhaps the key itself: not repeated
             raise LLMError(f"{key_flag} takes the name of an environment variable holding the key, not the key itself")
         self.key = os.environ.get(key_env, "")
         if not self.key:
